@@ -1,0 +1,500 @@
+//! The parallel runtime of one chain: feeder -> worker segments -> ordered collector.
+//!
+//! ```text
+//! feeder ──chunks──▶ segment 1 (N workers) ──▶ segment 2 ... ──▶ collector (reorder, sink)
+//!    ▲                                                                │
+//!    └────────────────────── tokens (bounded window) ◀────────────────┘
+//! ```
+//! * Channels are bounded crossbeam channels of chunks (a few samples each, to amortize the
+//!   hand-off); a full channel blocks its producer (backpressure).
+//! * A segment is one or more consecutive per-sample stages run in one worker loop (fusion;
+//!   `fuse: false` or an explicit `workers:`/`capacity:` gives a stage its own segment).
+//! * The feeder takes a token per chunk and the collector returns it once the chunk leaves the
+//!   reorder buffer, so at most `window` chunks exist at once: memory is bounded even when one
+//!   slow sample holds back the order.
+//! * The first error stops everything: threads see the stop flag between samples and exit,
+//!   dropping their channel ends, so a blocked peer wakes with "disconnected". All threads
+//!   are joined before `run_chain` returns.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use rand::seq::SliceRandom;
+
+use crate::error::{RunError, StageError};
+use crate::rng::{stage_key, StreamKey};
+use crate::sample::Sample;
+use crate::stage::{MapStage, OnError, SampleCtx, Sink, Source, SourceOptions};
+
+/// Identity of a stage in metrics and errors.
+#[derive(Clone, Debug)]
+pub struct StageInfo {
+    pub id: String,
+    pub kind: String,
+    /// Explicit worker count (starts its own segment).
+    pub workers: Option<usize>,
+    /// Explicit channel capacity in chunks (starts its own segment).
+    pub capacity: Option<usize>,
+}
+
+/// Everything one chain needs to run.
+pub struct ChainStages {
+    pub source: (StageInfo, Arc<dyn Source>),
+    pub maps: Vec<(StageInfo, Arc<dyn MapStage>)>,
+    pub sink: (StageInfo, Box<dyn Sink>),
+}
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub seed: u64,
+    /// Worker threads in all (per-sample work); the collector thread comes on top.
+    pub threads: usize,
+    /// Stop after this many samples (cycling epochs if needed).
+    pub max_samples: Option<u64>,
+    /// Override the sink's number of epochs.
+    pub epochs: Option<u32>,
+    pub fuse: bool,
+    /// Samples per chunk; `None` = automatic.
+    pub chunk: Option<usize>,
+    pub digest: bool,
+    /// Set from outside (Ctrl-C) to stop after the current samples.
+    pub interrupt: Arc<AtomicBool>,
+    /// Samples delivered to the sink so far, for progress bars.
+    pub progress: Arc<AtomicU64>,
+    /// Samples the run will deliver (added to when a chain starts), for progress bars.
+    pub progress_total: Arc<AtomicU64>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            threads: default_threads(),
+            max_samples: None,
+            epochs: None,
+            fuse: true,
+            chunk: None,
+            digest: false,
+            interrupt: Arc::new(AtomicBool::new(false)),
+            progress: Arc::new(AtomicU64::new(0)),
+            progress_total: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+/// The machine's cores.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Time and item counts of one stage.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct StageMetrics {
+    pub id: String,
+    pub kind: String,
+    pub items: u64,
+    /// Seconds spent in the stage's own code, summed over its workers.
+    pub busy_s: f64,
+    /// Seconds its workers waited for input.
+    pub starved_s: f64,
+    /// Seconds its workers waited for room downstream.
+    pub blocked_s: f64,
+    pub workers: usize,
+}
+
+/// A sample the source's `on_error: skip` dropped.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Skipped {
+    pub index: u64,
+    pub name: Option<String>,
+    pub stage: String,
+    pub message: String,
+}
+
+/// What a finished run measured.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RunReport {
+    pub samples: u64,
+    pub seconds: f64,
+    pub stages: Vec<StageMetrics>,
+    pub digest: Option<String>,
+    pub skipped: Vec<Skipped>,
+    /// Most chunks alive at once (bounded by the window).
+    pub peak_chunks_in_flight: usize,
+    pub window_chunks: usize,
+    pub chunk: usize,
+}
+
+#[derive(Default)]
+struct Counters {
+    items: AtomicU64,
+    busy_ns: AtomicU64,
+    starved_ns: AtomicU64,
+    blocked_ns: AtomicU64,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+struct Chunk {
+    seq: u64,
+    items: Vec<Sample>,
+    skipped: Vec<Skipped>,
+}
+
+enum Op {
+    Read(Arc<dyn Source>),
+    Map(Arc<dyn MapStage>),
+}
+
+struct OpInfo {
+    op: Op,
+    info: StageInfo,
+    key: u64,
+    counters: Arc<Counters>,
+}
+
+struct Shared {
+    stop: AtomicBool,
+    error: Mutex<Option<RunError>>,
+    interrupt: Arc<AtomicBool>,
+}
+
+impl Shared {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) || self.interrupt.load(Ordering::Relaxed)
+    }
+
+    fn fail(&self, e: RunError) {
+        if let Ok(mut slot) = self.error.lock() {
+            slot.get_or_insert(e);
+        }
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The order of dataset indices for one epoch: limit, shard, then shuffle.
+pub fn epoch_order(len: u64, opts: &SourceOptions, seed: u64, epoch: u32, source_id: &str) -> Vec<u64> {
+    let n = opts.limit.map_or(len, |l| l.min(len));
+    let mut order: Vec<u64> = match opts.shard {
+        Some(s) if s.count > 0 => (0..n).filter(|i| i % s.count == s.index).collect(),
+        _ => (0..n).collect(),
+    };
+    if opts.shuffle {
+        let mut rng = StreamKey { seed, epoch, index: u64::MAX, view: 0, stage: stage_key(source_id) }.rng();
+        order.shuffle(&mut rng);
+    }
+    order
+}
+
+fn auto_chunk(samples: u64, workers: usize) -> usize {
+    // Small enough that the last chunks spread over all workers, large enough to amortize
+    // channel hand-offs for light stages.
+    let per_worker = samples / (workers.max(1) as u64 * 8);
+    per_worker.clamp(1, 64) as usize
+}
+
+/// Runs one chain to completion (or to the first error or interrupt).
+pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, RunError> {
+    let started = Instant::now();
+    let ChainStages { source: (source_info, source), maps, sink: (sink_info, mut sink) } = chain;
+    let src_opts = source.options();
+    let len = source.len();
+    let per_epoch = epoch_order(len, &src_opts, opts.seed, 0, &source_info.id).len() as u64;
+    let epochs = match (opts.epochs, opts.max_samples) {
+        (Some(e), _) => e,
+        (None, Some(m)) if per_epoch > 0 => u32::try_from(m.div_ceil(per_epoch)).unwrap_or(u32::MAX),
+        (None, Some(_)) => 0,
+        (None, None) => sink.epochs(),
+    };
+    let total = (per_epoch * u64::from(epochs)).min(opts.max_samples.unwrap_or(u64::MAX));
+    let threads = opts.threads.max(1);
+    opts.progress_total.fetch_add(total, Ordering::Relaxed);
+
+    // Segments of fused per-sample stages.
+    let mut ops: Vec<OpInfo> = Vec::new();
+    let mk = |op: Op, info: StageInfo| OpInfo {
+        key: stage_key(&info.id),
+        op,
+        info,
+        counters: Arc::new(Counters::default()),
+    };
+    ops.push(mk(Op::Read(source.clone()), source_info.clone()));
+    for (info, m) in maps {
+        ops.push(mk(Op::Map(m), info));
+    }
+    let mut segments: Vec<Vec<OpInfo>> = Vec::new();
+    for op in ops {
+        let own = !opts.fuse || op.info.workers.is_some() || op.info.capacity.is_some();
+        match segments.last_mut() {
+            Some(seg) if !own && !seg_is_own(seg, opts.fuse) => seg.push(op),
+            _ => segments.push(vec![op]),
+        }
+    }
+    let auto_segments = segments.iter().filter(|s| s[0].info.workers.is_none()).count().max(1);
+    let seg_workers: Vec<usize> = segments
+        .iter()
+        .map(|s| s[0].info.workers.unwrap_or_else(|| (threads / auto_segments).max(1)))
+        .collect();
+    let total_workers: usize = seg_workers.iter().sum();
+    let chunk = opts.chunk.unwrap_or_else(|| auto_chunk(total, threads)).max(1);
+    let window = 2 * total_workers + 2 * segments.len() + 2;
+
+    let shared = Arc::new(Shared {
+        stop: AtomicBool::new(false),
+        error: Mutex::new(None),
+        interrupt: opts.interrupt.clone(),
+    });
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (token_tx, token_rx) = bounded::<()>(window);
+    for _ in 0..window {
+        let _ = token_tx.send(());
+    }
+
+    let metrics_ops: Vec<(StageInfo, Arc<Counters>, usize)> = segments
+        .iter()
+        .zip(&seg_workers)
+        .flat_map(|(seg, &w)| seg.iter().map(move |o| (o.info.clone(), o.counters.clone(), w)))
+        .collect();
+
+    let mut handles = Vec::new();
+    let seed = opts.seed;
+    let cap0 = segments[0][0].info.capacity.unwrap_or(seg_workers[0] * 2);
+    let (feed_tx, mut rx) = bounded::<Chunk>(cap0);
+    {
+        let shared = shared.clone();
+        let source_id = source_info.id.clone();
+        let in_flight = in_flight.clone();
+        let peak = peak.clone();
+        let shared2 = shared.clone();
+        spawn(&mut handles, &shared2, "feeder", move || {
+            let mut seq = 0u64;
+            let mut emitted = 0u64;
+            'epochs: for epoch in 0..epochs {
+                let order = epoch_order(len, &src_opts, seed, epoch, &source_id);
+                for part in order.chunks(chunk) {
+                    let room = total - emitted;
+                    if room == 0 {
+                        break 'epochs;
+                    }
+                    let part = &part[..part.len().min(room as usize)];
+                    if token_rx.recv().is_err() || shared.stopped() {
+                        break 'epochs;
+                    }
+                    let items =
+                        part.iter().map(|&index| Sample { index, epoch, ..Sample::default() }).collect();
+                    let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    if feed_tx.send(Chunk { seq, items, skipped: Vec::new() }).is_err() {
+                        break 'epochs;
+                    }
+                    seq += 1;
+                    emitted += part.len() as u64;
+                }
+            }
+        });
+    }
+
+    let on_error = src_opts.on_error;
+    for (s, seg) in segments.into_iter().enumerate() {
+        let workers = seg_workers[s];
+        let cap = seg.last().and_then(|o| o.info.capacity).unwrap_or(workers * 2).max(1);
+        let (tx, next_rx) = bounded::<Chunk>(cap);
+        let seg = Arc::new(seg);
+        for w in 0..workers {
+            let rx = rx.clone();
+            let tx = tx.clone();
+            let seg = seg.clone();
+            let shared = shared.clone();
+            let name = format!("{}-{w}", seg[0].info.id);
+            let shared2 = shared.clone();
+            spawn(&mut handles, &shared2, &name, move || {
+                worker(&seg, &rx, &tx, &shared, seed, on_error);
+            });
+        }
+        rx = next_rx;
+    }
+
+    // Collector: reorder, digest, sink.
+    let mut hasher = opts.digest.then(xxhash_rust::xxh3::Xxh3::new);
+    let sink_counters = Counters::default();
+    let mut reorder: BTreeMap<u64, Chunk> = BTreeMap::new();
+    let mut next_seq = 0u64;
+    let mut delivered = 0u64;
+    let mut skipped = Vec::new();
+    loop {
+        if shared.stopped() {
+            break;
+        }
+        let t = Instant::now();
+        let Ok(c) = rx.recv() else { break };
+        sink_counters.starved_ns.fetch_add(nanos(t.elapsed()), Ordering::Relaxed);
+        reorder.insert(c.seq, c);
+        while let Some(c) = reorder.remove(&next_seq) {
+            next_seq += 1;
+            skipped.extend(c.skipped);
+            let t = Instant::now();
+            for sample in c.items {
+                if let Some(h) = hasher.as_mut() {
+                    sample.digest_into(h);
+                }
+                let (index, name) = (sample.index, sample.name.clone());
+                if let Err(e) = sink.consume(sample) {
+                    shared.fail(sample_error(&sink_info, index, name.as_deref(), e));
+                    break;
+                }
+                delivered += 1;
+                opts.progress.fetch_add(1, Ordering::Relaxed);
+            }
+            sink_counters.busy_ns.fetch_add(nanos(t.elapsed()), Ordering::Relaxed);
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            let _ = token_tx.send(());
+            if shared.stopped() {
+                break;
+            }
+        }
+    }
+    drop(rx);
+    drop(token_tx);
+    for h in handles {
+        if h.join().is_err() {
+            shared.fail(RunError::Internal("a worker thread panicked".into()));
+        }
+    }
+    if let Some(e) = shared.error.lock().ok().and_then(|mut e| e.take()) {
+        return Err(e);
+    }
+    if opts.interrupt.load(Ordering::SeqCst) {
+        return Err(RunError::Interrupted);
+    }
+    let t = Instant::now();
+    sink.finish().map_err(|e| RunError::Stage {
+        stage: sink_info.id.clone(),
+        kind: sink_info.kind.clone(),
+        message: e.to_string(),
+    })?;
+    sink_counters.busy_ns.fetch_add(nanos(t.elapsed()), Ordering::Relaxed);
+    sink_counters.items.store(delivered, Ordering::Relaxed);
+
+    let metric = |info: &StageInfo, c: &Counters, workers: usize| StageMetrics {
+        id: info.id.clone(),
+        kind: info.kind.clone(),
+        items: c.items.load(Ordering::Relaxed),
+        busy_s: c.busy_ns.load(Ordering::Relaxed) as f64 * 1e-9,
+        starved_s: c.starved_ns.load(Ordering::Relaxed) as f64 * 1e-9,
+        blocked_s: c.blocked_ns.load(Ordering::Relaxed) as f64 * 1e-9,
+        workers,
+    };
+    let mut stages: Vec<StageMetrics> = metrics_ops.iter().map(|(i, c, w)| metric(i, c, *w)).collect();
+    stages.push(metric(&sink_info, &sink_counters, 1));
+    Ok(RunReport {
+        samples: delivered,
+        seconds: started.elapsed().as_secs_f64(),
+        stages,
+        digest: hasher.map(|h| format!("{:032x}", h.digest128())),
+        skipped,
+        peak_chunks_in_flight: peak.load(Ordering::SeqCst),
+        window_chunks: window,
+        chunk,
+    })
+}
+
+fn seg_is_own(seg: &[OpInfo], fuse: bool) -> bool {
+    !fuse || seg.iter().any(|o| o.info.workers.is_some() || o.info.capacity.is_some())
+}
+
+fn spawn(
+    handles: &mut Vec<std::thread::JoinHandle<()>>,
+    shared: &Shared,
+    name: &str,
+    f: impl FnOnce() + Send + 'static,
+) {
+    match std::thread::Builder::new().name(name.chars().take(15).collect()).spawn(f) {
+        Ok(h) => handles.push(h),
+        Err(e) => shared.fail(RunError::Internal(format!("cannot start a thread: {e}"))),
+    }
+}
+
+fn sample_error(info: &StageInfo, index: u64, name: Option<&str>, e: StageError) -> RunError {
+    RunError::Sample {
+        stage: info.id.clone(),
+        kind: info.kind.clone(),
+        sample: index,
+        name: name.map(str::to_string),
+        message: e.to_string(),
+    }
+}
+
+fn worker(
+    seg: &[OpInfo],
+    rx: &Receiver<Chunk>,
+    tx: &Sender<Chunk>,
+    shared: &Shared,
+    seed: u64,
+    on_error: OnError,
+) {
+    loop {
+        let t = Instant::now();
+        let Ok(mut chunk) = rx.recv() else { return };
+        let waited = nanos(t.elapsed());
+        for o in seg {
+            o.counters.starved_ns.fetch_add(waited, Ordering::Relaxed);
+        }
+        let mut keep = Vec::with_capacity(chunk.items.len());
+        let mut busy = vec![0u64; seg.len()];
+        'samples: for mut sample in std::mem::take(&mut chunk.items) {
+            if shared.stopped() {
+                return;
+            }
+            for (k, o) in seg.iter().enumerate() {
+                let cx = SampleCtx { seed, stage_key: o.key, epoch: sample.epoch, index: sample.index };
+                let t = Instant::now();
+                let result = match &o.op {
+                    Op::Read(src) => src.read(sample.index, &cx).map(|mut s| {
+                        s.index = sample.index;
+                        s.epoch = sample.epoch;
+                        sample = s;
+                    }),
+                    Op::Map(m) => m.apply(&mut sample, &cx),
+                };
+                busy[k] += nanos(t.elapsed());
+                match result {
+                    Ok(()) => {}
+                    Err(StageError::Data(msg)) if on_error == OnError::Skip => {
+                        chunk.skipped.push(Skipped {
+                            index: sample.index,
+                            name: sample.name.as_deref().map(str::to_string),
+                            stage: o.info.id.clone(),
+                            message: msg,
+                        });
+                        continue 'samples;
+                    }
+                    Err(e) => {
+                        shared.fail(sample_error(&o.info, sample.index, sample.name.as_deref(), e));
+                        return;
+                    }
+                }
+                o.counters.items.fetch_add(1, Ordering::Relaxed);
+            }
+            keep.push(sample);
+        }
+        for (o, b) in seg.iter().zip(busy) {
+            o.counters.busy_ns.fetch_add(b, Ordering::Relaxed);
+        }
+        chunk.items = keep;
+        let t = Instant::now();
+        if tx.send(chunk).is_err() {
+            return;
+        }
+        let blocked = nanos(t.elapsed());
+        for o in seg {
+            o.counters.blocked_ns.fetch_add(blocked, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! What flows between stages.
+
+use std::sync::Arc;
+
+/// An RGB8 image, rows top to bottom, pixels interleaved (`R G B R G B ...`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Image {
+    pub width: u32,
+    pub height: u32,
+    pub data: Vec<u8>,
+}
+
+impl Image {
+    pub fn new(width: u32, height: u32) -> Self {
+        Self { width, height, data: vec![0; width as usize * height as usize * 3] }
+    }
+
+    /// Wraps a buffer, checking its length against the size.
+    pub fn from_raw(width: u32, height: u32, data: Vec<u8>) -> Option<Self> {
+        (data.len() == width as usize * height as usize * 3).then_some(Self { width, height, data })
+    }
+
+    pub fn pixels(&self) -> usize {
+        self.width as usize * self.height as usize
+    }
+}
+
+/// The data a sample carries at a given point of the pipeline.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Payload {
+    /// Nothing yet (the `counter` source; a file not read yet).
+    #[default]
+    Empty,
+    /// An encoded file (JPEG, PNG, ...), not decoded yet.
+    Encoded(Vec<u8>),
+    /// One decoded image, or the views made from it.
+    Views(Vec<Image>),
+}
+
+/// One item of the dataset on its way through the pipeline.
+#[derive(Clone, Debug, Default)]
+pub struct Sample {
+    /// Index in the dataset (before shuffling); keys the per-sample random streams.
+    pub index: u64,
+    pub epoch: u32,
+    pub label: Option<u32>,
+    /// Where it came from (a file path), for error messages.
+    pub name: Option<Arc<str>>,
+    pub payload: Payload,
+}
+
+impl Sample {
+    /// Feeds everything observable about the sample into a hasher (for `--digest`).
+    pub fn digest_into(&self, h: &mut xxhash_rust::xxh3::Xxh3) {
+        h.update(&self.index.to_le_bytes());
+        h.update(&self.epoch.to_le_bytes());
+        h.update(&self.label.map_or(u64::MAX, u64::from).to_le_bytes());
+        match &self.payload {
+            Payload::Empty => h.update(&[0]),
+            Payload::Encoded(bytes) => {
+                h.update(&[1]);
+                h.update(&(bytes.len() as u64).to_le_bytes());
+                h.update(bytes);
+            }
+            Payload::Views(views) => {
+                h.update(&[2]);
+                h.update(&(views.len() as u64).to_le_bytes());
+                for v in views {
+                    h.update(&v.width.to_le_bytes());
+                    h.update(&v.height.to_le_bytes());
+                    h.update(&v.data);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! The pipeline file: top-level fields, the stage list, and command-line overrides.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Diagnostic, Diagnostics};
+use crate::yaml::{self, Node, Pos, Spanned};
+
+/// Keys every stage may carry besides its kind's own fields.
+pub const COMMON_STAGE_KEYS: &[&str] = &["id", "kind", "input", "inputs", "workers", "capacity"];
+const TOP_KEYS: &[&str] = &["name", "seed", "plugins", "stages", "sweep", "fuse", "chunk"];
+
+/// One entry of `stages:` with its common keys split off.
+#[derive(Clone, Debug)]
+pub struct StageSpec {
+    pub id: Spanned<String>,
+    pub kind: Spanned<String>,
+    /// Explicit `input`/`inputs`; `None` means "the previous stage".
+    pub inputs: Option<Vec<Spanned<String>>>,
+    pub workers: Option<usize>,
+    pub capacity: Option<usize>,
+    /// The kind's own fields, as a mapping.
+    pub config: Spanned<Node>,
+    pub pos: Pos,
+}
+
+/// A pipeline file, parsed but not yet checked against the registry.
+#[derive(Clone, Debug)]
+pub struct PipelineSpec {
+    pub file: PathBuf,
+    pub name: String,
+    pub seed: u64,
+    pub plugins: Vec<Spanned<String>>,
+    pub stages: Vec<StageSpec>,
+    pub sweep: Option<Spanned<Node>>,
+    /// Run consecutive per-sample stages in one worker loop (same output, less overhead).
+    pub fuse: bool,
+    /// Samples per channel message; `None` picks automatically.
+    pub chunk: Option<usize>,
+    /// The document the spec came from (after overrides), for `graph` and the run directory.
+    pub doc: Spanned<Node>,
+}
+
+/// Reads and parses a pipeline file.
+pub fn load(file: &Path, overrides: &[String]) -> Result<PipelineSpec, Diagnostics> {
+    let src = std::fs::read_to_string(file).map_err(|e| {
+        Diagnostics(vec![Diagnostic::new(
+            file,
+            Pos { line: 1, col: 1 },
+            format!("cannot read the pipeline file: {e}"),
+        )
+        .fix("check the path and that the file is readable UTF-8 text")])
+    })?;
+    parse(file, &src, overrides)
+}
+
+/// Parses pipeline YAML text, as if read from `file`, applying `--set` overrides first.
+pub fn parse(file: &Path, src: &str, overrides: &[String]) -> Result<PipelineSpec, Diagnostics> {
+    let mut doc = yaml::parse(src).map_err(|e| {
+        Diagnostics(vec![Diagnostic::new(file, e.pos, format!("invalid YAML: {}", e.message))
+            .fix("fix the YAML syntax at this position")])
+    })?;
+    let mut diags = Diagnostics::default();
+    for (i, o) in overrides.iter().enumerate() {
+        if let Err(msg) = apply_override(&mut doc, o) {
+            diags.push(
+                Diagnostic::new("--set", Pos { line: 1, col: i as u32 + 1 }, format!("`{o}`: {}", msg.0))
+                    .fix(msg.1),
+            );
+        }
+    }
+    let spec = from_doc(file, doc, &mut diags);
+    diags.into_result(spec)
+}
+
+fn from_doc(file: &Path, doc: Spanned<Node>, diags: &mut Diagnostics) -> PipelineSpec {
+    let d = |pos: Pos, msg: String| Diagnostic::new(file, pos, msg);
+    let mut spec = PipelineSpec {
+        file: file.to_path_buf(),
+        name: file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into()),
+        seed: 0,
+        plugins: Vec::new(),
+        stages: Vec::new(),
+        sweep: None,
+        fuse: true,
+        chunk: None,
+        doc: doc.clone(),
+    };
+    let Node::Map(entries) = &doc.value else {
+        diags.push(
+            d(doc.pos, format!("a pipeline file is a mapping, found {}", doc.value.type_name()))
+                .fix("start with `name:`, `seed:` and `stages:`"),
+        );
+        return spec;
+    };
+    let mut saw_stages = false;
+    for (key, value) in entries {
+        match key.value.as_str() {
+            "name" => match &value.value {
+                Node::Str(s) if !s.is_empty() => spec.name = s.clone(),
+                other => diags.push(
+                    d(value.pos, format!("`name` must be a non-empty string, found {}", other.type_name()))
+                        .fix("write e.g. `name: simclr-cifar10`"),
+                ),
+            },
+            "seed" => match &value.value {
+                Node::Int(i) if *i >= 0 => spec.seed = *i as u64,
+                other => diags.push(
+                    d(
+                        value.pos,
+                        format!("`seed` must be a non-negative integer, found {}", other.type_name()),
+                    )
+                    .fix("write e.g. `seed: 42`"),
+                ),
+            },
+            "fuse" => match &value.value {
+                Node::Bool(b) => spec.fuse = *b,
+                other => diags.push(
+                    d(value.pos, format!("`fuse` must be true or false, found {}", other.type_name()))
+                        .fix("write `fuse: true` (the default) or `fuse: false`"),
+                ),
+            },
+            "chunk" => match &value.value {
+                Node::Int(i) if (1..=4096).contains(i) => spec.chunk = Some(*i as usize),
+                _ => diags.push(
+                    d(value.pos, "`chunk` must be an integer from 1 to 4096".into())
+                        .fix("remove it to choose automatically"),
+                ),
+            },
+            "plugins" => match &value.value {
+                Node::Seq(items) => {
+                    for item in items {
+                        match &item.value {
+                            Node::Str(s) => spec.plugins.push(Spanned::new(s.clone(), item.pos)),
+                            other => diags.push(
+                                d(
+                                    item.pos,
+                                    format!("a plugin is a library path, found {}", other.type_name()),
+                                )
+                                .fix("write e.g. `plugins: [target/release/libmy_plugin.so]`"),
+                            ),
+                        }
+                    }
+                }
+                Node::Null => {}
+                other => diags.push(
+                    d(value.pos, format!("`plugins` must be a list of paths, found {}", other.type_name()))
+                        .fix("write e.g. `plugins: [target/release/libmy_plugin.so]`"),
+                ),
+            },
+            "sweep" => spec.sweep = Some(value.clone()),
+            "stages" => {
+                saw_stages = true;
+                match &value.value {
+                    Node::Seq(items) if !items.is_empty() => {
+                        for item in items {
+                            if let Some(stage) = stage_spec(file, item, diags) {
+                                spec.stages.push(stage);
+                            }
+                        }
+                    }
+                    other => diags.push(
+                        d(
+                            value.pos,
+                            format!("`stages` must be a non-empty list, found {}", other.type_name()),
+                        )
+                        .fix("list stages as `- {id: data, kind: ...}`"),
+                    ),
+                }
+            }
+            other => {
+                let hint = match crate::suggest(other, TOP_KEYS.iter().copied()) {
+                    Some(s) => format!("did you mean `{s}`? the top-level keys are {}", TOP_KEYS.join(", ")),
+                    None => format!("the top-level keys are {}", TOP_KEYS.join(", ")),
+                };
+                diags.push(d(key.pos, format!("unknown top-level key `{other}`")).fix(hint));
+            }
+        }
+    }
+    if !saw_stages {
+        diags.push(d(doc.pos, "no `stages:` list".into()).fix("add `stages:` with at least a source stage"));
+    }
+    spec
+}
+
+fn stage_spec(file: &Path, item: &Spanned<Node>, diags: &mut Diagnostics) -> Option<StageSpec> {
+    let Node::Map(entries) = &item.value else {
+        diags.push(
+            Diagnostic::new(
+                file,
+                item.pos,
+                format!("a stage is a mapping, found {}", item.value.type_name()),
+            )
+            .fix("write `- {id: NAME, kind: KIND, ...}`"),
+        );
+        return None;
+    };
+    let id = match item.value.get("id") {
+        Some(Spanned { value: Node::Str(s), pos }) if valid_id(s) => Spanned::new(s.clone(), *pos),
+        Some(v) => {
+            diags.push(
+                Diagnostic::new(file, v.pos, "invalid stage id")
+                    .fix("use letters, digits, `_` and `-`, starting with a letter, e.g. `id: crop`"),
+            );
+            return None;
+        }
+        None => {
+            diags.push(Diagnostic::new(file, item.pos, "stage without an `id`").fix("add e.g. `id: crop`"));
+            return None;
+        }
+    };
+    let stage_diag = |pos: Pos, msg: String| Diagnostic::new(file, pos, msg).stage(id.value.clone());
+    let kind = match item.value.get("kind") {
+        Some(Spanned { value: Node::Str(s), pos }) => Spanned::new(s.clone(), *pos),
+        // YAML reads a plain `null` as the null value; here it names the `null` sink.
+        Some(Spanned { value: Node::Null, pos }) => Spanned::new("null".to_string(), *pos),
+        Some(v) => {
+            diags.push(
+                stage_diag(v.pos, "`kind` must be a stage kind name".into())
+                    .fix("run `simclr kinds` to list them"),
+            );
+            return None;
+        }
+        None => {
+            diags.push(
+                stage_diag(item.pos, "stage without a `kind`".into())
+                    .fix("add e.g. `kind: random_resized_crop`"),
+            );
+            return None;
+        }
+    };
+    let mut inputs = None;
+    let list = |v: &Spanned<Node>, diags: &mut Diagnostics| -> Vec<Spanned<String>> {
+        let items: Vec<&Spanned<Node>> = match &v.value {
+            Node::Seq(items) => items.iter().collect(),
+            _ => vec![v],
+        };
+        let mut out = Vec::new();
+        for it in items {
+            match &it.value {
+                Node::Str(s) => out.push(Spanned::new(s.clone(), it.pos)),
+                other => diags.push(
+                    stage_diag(it.pos, format!("an input is a stage id, found {}", other.type_name()))
+                        .fix("write `input: ID` or `inputs: [ID, ...]`"),
+                ),
+            }
+        }
+        out
+    };
+    if let Some(v) = item.value.get("input") {
+        inputs = Some(list(v, diags));
+    }
+    if let Some(v) = item.value.get("inputs") {
+        if inputs.is_some() {
+            diags.push(stage_diag(v.pos, "both `input` and `inputs` given".into()).fix("keep one"));
+        }
+        inputs = Some(list(v, diags));
+    }
+    let count = |key: &str, diags: &mut Diagnostics| -> Option<usize> {
+        let v = item.value.get(key)?;
+        match &v.value {
+            Node::Int(i) if (1..=1024).contains(i) => Some(*i as usize),
+            Node::Str(s) if s == "auto" => None,
+            _ => {
+                diags.push(
+                    stage_diag(v.pos, format!("`{key}` must be an integer from 1 to 1024 or `auto`"))
+                        .fix(format!("remove `{key}` to size it automatically")),
+                );
+                None
+            }
+        }
+    };
+    let workers = count("workers", diags);
+    let capacity = count("capacity", diags);
+    let config = Node::Map(
+        entries.iter().filter(|(k, _)| !COMMON_STAGE_KEYS.contains(&k.value.as_str())).cloned().collect(),
+    );
+    Some(StageSpec {
+        id,
+        kind,
+        inputs,
+        workers,
+        capacity,
+        config: Spanned::new(config, item.pos),
+        pos: item.pos,
+    })
+}
+
+/// Stage ids are used in `--set`, file names and graph labels.
+pub fn valid_id(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// Applies one `--set` override to the document: `STAGE.FIELD[.SUB]=VALUE`, `STAGE=off`, or a
+/// top-level `KEY=VALUE`. Errors are (what, how to fix).
+pub fn apply_override(doc: &mut Spanned<Node>, o: &str) -> Result<(), (String, String)> {
+    let Some((lhs, rhs)) = o.split_once('=') else {
+        return Err(("missing `=`".into(), "write `--set STAGE.FIELD=VALUE` or `--set STAGE=off`".into()));
+    };
+    let value = yaml::parse_value(rhs)
+        .map_err(|e| (format!("the value is not valid YAML: {}", e.message), "quote it".into()))?;
+    let mut path = lhs.split('.');
+    let head = path.next().unwrap_or_default();
+    let rest: Vec<&str> = path.collect();
+    let Node::Map(top) = &mut doc.value else {
+        return Err(("the pipeline file is not a mapping".into(), "fix the file first".into()));
+    };
+    let ids: Vec<String> = stage_ids(top);
+    if ids.iter().any(|id| id == head) {
+        let stages = top
+            .iter_mut()
+            .find(|(k, _)| k.value == "stages")
+            .and_then(|(_, v)| match &mut v.value {
+                Node::Seq(items) => Some(items),
+                _ => None,
+            })
+            .ok_or_else(|| ("no stages list".to_string(), "add `stages:`".to_string()))?;
+        let idx = stages
+            .iter()
+            .position(|s| s.value.get("id").and_then(|n| n.value.as_str()) == Some(head))
+            .ok_or_else(|| ("stage vanished".to_string(), String::new()))?;
+        if rest.is_empty() {
+            return match &value {
+                Node::Str(s) if s == "off" => {
+                    stages.remove(idx);
+                    Ok(())
+                }
+                Node::Bool(false) => {
+                    stages.remove(idx);
+                    Ok(())
+                }
+                _ => Err((
+                    format!("a whole stage can only be switched `off`, not set to `{rhs}`"),
+                    format!("write `--set {head}=off` or `--set {head}.FIELD=VALUE`"),
+                )),
+            };
+        }
+        let stage_pos = stages[idx].pos;
+        set_path(&mut stages[idx], &rest, value, stage_pos);
+        return Ok(());
+    }
+    if rest.is_empty() && TOP_KEYS.contains(&head) && head != "stages" {
+        let pos = doc.pos;
+        set_path(doc, &[head], value, pos);
+        return Ok(());
+    }
+    let fix = match crate::suggest(head, ids.iter().map(String::as_str)) {
+        Some(s) => format!("did you mean `{s}`? stages: {}", ids.join(", ")),
+        None => format!("stages: {}", ids.join(", ")),
+    };
+    Err((format!("no stage `{head}`"), fix))
+}
+
+fn stage_ids(top: &[(Spanned<String>, Spanned<Node>)]) -> Vec<String> {
+    top.iter()
+        .find(|(k, _)| k.value == "stages")
+        .and_then(|(_, v)| match &v.value {
+            Node::Seq(items) => Some(
+                items
+                    .iter()
+                    .filter_map(|s| s.value.get("id").and_then(|n| n.value.as_str()).map(str::to_string))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// Sets a nested key, creating mappings on the way; the new value keeps the position of the
+/// value it replaces (so errors still point into the file) or else of its parent.
+fn set_path(node: &mut Spanned<Node>, path: &[&str], value: Node, fallback: Pos) {
+    let Some((first, rest)) = path.split_first() else {
+        node.value = value;
+        return;
+    };
+    if !matches!(node.value, Node::Map(_)) {
+        node.value = Node::Map(Vec::new());
+    }
+    let Node::Map(entries) = &mut node.value else { return };
+    let idx = match entries.iter().position(|(k, _)| k.value == *first) {
+        Some(i) => i,
+        None => {
+            entries.push((Spanned::new(first.to_string(), fallback), Spanned::new(Node::Null, fallback)));
+            entries.len() - 1
+        }
+    };
+    let child = &mut entries[idx].1;
+    let pos = child.pos;
+    set_path(child, rest, value, pos);
+}

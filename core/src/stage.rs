@@ -1,0 +1,316 @@
+//! The stage traits and the registry that maps `kind:` names to them.
+//!
+//! A stage kind is a config struct (serde, `deny_unknown_fields`) implementing [`StageConfig`];
+//! registering it is one line: `registry.register::<MyConfig>()`. Plugins register
+//! [`Factory`] objects directly.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+
+use crate::error::StageError;
+use crate::rng::{StageRng, StreamKey};
+use crate::sample::Sample;
+use crate::yaml::PathSeg;
+
+/// The type of data on an edge; the validator checks that connected ports agree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PortType {
+    /// No data (a source's input; a sink that yields nothing).
+    Nothing,
+    /// Encoded files (JPEG/PNG/WebP bytes).
+    Encoded,
+    /// Decoded RGB8 images: one per sample, or its views.
+    Views,
+    /// Batches of f32 tensors.
+    Batch,
+    /// A trained encoder (an artifact, not a stream).
+    Encoder,
+    /// Accepts anything (input side only).
+    Any,
+    /// Passes its input type through (output side only).
+    SameAsInput,
+}
+
+impl fmt::Display for PortType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PortType::Nothing => "nothing",
+            PortType::Encoded => "encoded bytes",
+            PortType::Views => "image views",
+            PortType::Batch => "batches",
+            PortType::Encoder => "an encoder artifact",
+            PortType::Any => "anything",
+            PortType::SameAsInput => "its input",
+        })
+    }
+}
+
+impl PortType {
+    /// Whether data of type `self` may flow into an input port of type `input`.
+    pub fn fits(self, input: PortType) -> bool {
+        input == PortType::Any || self == input
+    }
+}
+
+/// How a stage takes part in the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Produces samples by index; called from many threads.
+    Source,
+    /// Transforms one sample at a time; called from many threads.
+    Map,
+    /// Consumes the ordered stream on one thread (training, evaluation, writers).
+    Sink,
+}
+
+/// What a source does with bad samples.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Stop the run, naming the sample.
+    #[default]
+    Fail,
+    /// Drop the sample, count it and name it in the log.
+    Skip,
+}
+
+/// Which part of the dataset this process reads (`index` of `count`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shard {
+    pub index: u64,
+    pub count: u64,
+}
+
+/// The options every source shares; the runtime applies them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceOptions {
+    pub shuffle: bool,
+    pub limit: Option<u64>,
+    pub shard: Option<Shard>,
+    pub on_error: OnError,
+}
+
+/// Where a sample is, for its random streams.
+#[derive(Clone, Copy, Debug)]
+pub struct SampleCtx {
+    pub seed: u64,
+    pub stage_key: u64,
+    pub epoch: u32,
+    pub index: u64,
+}
+
+impl SampleCtx {
+    /// The random stream of this stage for this sample and view.
+    pub fn rng(&self, view: u32) -> StageRng {
+        StreamKey { seed: self.seed, epoch: self.epoch, index: self.index, view, stage: self.stage_key }.rng()
+    }
+}
+
+/// Produces the samples of a dataset by index.
+pub trait Source: Send + Sync {
+    /// Items in the whole dataset (before `limit` and sharding).
+    fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn options(&self) -> SourceOptions;
+    /// Reads item `index`; `ctx` keys any randomness (synthetic data).
+    fn read(&self, index: u64, ctx: &SampleCtx) -> Result<Sample, StageError>;
+}
+
+/// Transforms one sample; a pure function of (sample, `ctx`'s random streams).
+pub trait MapStage: Send + Sync {
+    fn apply(&self, sample: &mut Sample, ctx: &SampleCtx) -> Result<(), StageError>;
+}
+
+/// Consumes the stream in dataset order.
+pub trait Sink: Send {
+    /// Passes over the data this sink wants.
+    fn epochs(&self) -> u32 {
+        1
+    }
+    fn consume(&mut self, sample: Sample) -> Result<(), StageError>;
+    fn finish(&mut self) -> Result<(), StageError> {
+        Ok(())
+    }
+}
+
+/// A built stage, ready to run.
+pub enum Stage {
+    Source(Arc<dyn Source>),
+    Map(Arc<dyn MapStage>),
+    Sink(Box<dyn Sink>),
+}
+
+/// A semantic problem in one stage's config, located by its field path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub field: Vec<PathSeg>,
+    pub message: String,
+    pub fix: String,
+}
+
+impl Problem {
+    pub fn new(field: &str, message: impl Into<String>, fix: impl Into<String>) -> Self {
+        let field = if field.is_empty() {
+            Vec::new()
+        } else {
+            field.split('.').map(|s| PathSeg::Key(s.to_string())).collect()
+        };
+        Self { field, message: message.into(), fix: fix.into() }
+    }
+}
+
+/// What a stage may look at while being checked or built.
+#[derive(Clone, Debug)]
+pub struct Context {
+    /// The folder of the pipeline file: relative paths are resolved from it.
+    pub base_dir: PathBuf,
+    pub seed: u64,
+    pub stage_id: String,
+}
+
+impl Context {
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+}
+
+/// A reference from a config field to another stage (e.g. `encoder: train`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StageRef {
+    pub field: String,
+    pub stage: String,
+    pub expects: PortType,
+}
+
+/// A stage kind: its config struct is the schema, and builds the stage.
+pub trait StageConfig: DeserializeOwned + Send + Sync + 'static {
+    const KIND: &'static str;
+    /// One line for `--help`-style listings.
+    const ABOUT: &'static str;
+    const ROLE: Role;
+    /// Input and output port types.
+    fn ports(&self) -> (PortType, PortType);
+    /// Semantic checks beyond types (ranges, files that must exist).
+    fn check(&self, _cx: &Context, _out: &mut Vec<Problem>) {}
+    fn refs(&self) -> Vec<StageRef> {
+        Vec::new()
+    }
+    fn build(&self, cx: &Context) -> Result<Stage, StageError>;
+}
+
+/// A parsed, type-checked stage config, kind-erased.
+pub trait Configured: Send + Sync {
+    fn ports(&self) -> (PortType, PortType);
+    fn check(&self, cx: &Context, out: &mut Vec<Problem>);
+    fn refs(&self) -> Vec<StageRef>;
+    fn build(&self, cx: &Context) -> Result<Stage, StageError>;
+}
+
+impl<C: StageConfig> Configured for C {
+    fn ports(&self) -> (PortType, PortType) {
+        StageConfig::ports(self)
+    }
+    fn check(&self, cx: &Context, out: &mut Vec<Problem>) {
+        StageConfig::check(self, cx, out)
+    }
+    fn refs(&self) -> Vec<StageRef> {
+        StageConfig::refs(self)
+    }
+    fn build(&self, cx: &Context) -> Result<Stage, StageError> {
+        StageConfig::build(self, cx)
+    }
+}
+
+/// Why a config did not deserialize, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: Vec<PathSeg>,
+    pub message: String,
+}
+
+/// Makes configured stages of one kind from their YAML (as JSON) fields.
+pub trait Factory: Send + Sync {
+    fn kind(&self) -> &str;
+    fn about(&self) -> &str;
+    fn role(&self) -> Role;
+    fn parse(&self, config: serde_json::Value) -> Result<Box<dyn Configured>, ConfigError>;
+}
+
+struct Typed<C>(PhantomData<fn() -> C>);
+
+impl<C: StageConfig> Factory for Typed<C> {
+    fn kind(&self) -> &str {
+        C::KIND
+    }
+    fn about(&self) -> &str {
+        C::ABOUT
+    }
+    fn role(&self) -> Role {
+        C::ROLE
+    }
+    fn parse(&self, config: serde_json::Value) -> Result<Box<dyn Configured>, ConfigError> {
+        match serde_path_to_error::deserialize::<_, C>(config) {
+            Ok(c) => Ok(Box::new(c)),
+            Err(e) => {
+                let path = e
+                    .path()
+                    .iter()
+                    .filter_map(|seg| match seg {
+                        serde_path_to_error::Segment::Map { key } => Some(PathSeg::Key(key.clone())),
+                        serde_path_to_error::Segment::Seq { index } => Some(PathSeg::Index(*index)),
+                        _ => None,
+                    })
+                    .collect();
+                Err(ConfigError { path, message: e.into_inner().to_string() })
+            }
+        }
+    }
+}
+
+/// Every stage kind known to a run, by name.
+#[derive(Default)]
+pub struct Registry {
+    kinds: BTreeMap<String, Arc<dyn Factory>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a built-in kind. A later registration of the same name replaces it.
+    pub fn register<C: StageConfig>(&mut self) -> &mut Self {
+        self.kinds.insert(C::KIND.to_string(), Arc::new(Typed::<C>(PhantomData)));
+        self
+    }
+
+    pub fn register_factory(&mut self, factory: Arc<dyn Factory>) -> &mut Self {
+        self.kinds.insert(factory.kind().to_string(), factory);
+        self
+    }
+
+    pub fn get(&self, kind: &str) -> Option<&Arc<dyn Factory>> {
+        self.kinds.get(kind)
+    }
+
+    pub fn kinds(&self) -> impl Iterator<Item = &Arc<dyn Factory>> {
+        self.kinds.values()
+    }
+
+    /// The registered kind closest to a misspelt one.
+    pub fn suggest(&self, kind: &str) -> Option<&str> {
+        crate::suggest(kind, self.kinds.keys().map(String::as_str))
+    }
+}

@@ -1,0 +1,360 @@
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use simclr_core::driver::{has_sinks, Mode};
+use simclr_core::{run_plan, Diagnostics, Plan, RunError, RunOptions, RunReport};
+
+/// The demo pipeline, embedded so `simclr demo` needs no files.
+const DEMO: &str = include_str!("../pipelines/demo.yaml");
+
+#[derive(Parser)]
+#[command(
+    name = "simclr",
+    version,
+    about = "SimCLR as a reproducible data pipeline with plugin stages",
+    after_help = "Start with `simclr demo`: it runs the embedded demo pipeline end to end.\n\
+                  Exit codes: 0 ok, 1 runtime failure, 2 invalid input or config, 130 interrupted."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Args, Clone, Default)]
+struct Common {
+    /// Override a field (`crop.size=64`), a top-level key (`seed=3`) or switch a stage off
+    /// (`color=off`). Repeatable; applied in order before validation.
+    #[arg(long = "set", value_name = "STAGE.FIELD=VALUE")]
+    set: Vec<String>,
+    /// Worker threads for per-sample stages [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Pipeline seed (overrides the file's `seed`).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a pipeline file; print every problem with FILE:LINE:COL.
+    Validate {
+        file: PathBuf,
+        #[arg(long = "set", value_name = "STAGE.FIELD=VALUE")]
+        set: Vec<String>,
+    },
+    /// Print the stage graph (Graphviz dot or Mermaid).
+    Graph {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
+        format: GraphFormat,
+        #[arg(long = "set", value_name = "STAGE.FIELD=VALUE")]
+        set: Vec<String>,
+    },
+    /// Run a pipeline end to end.
+    Run {
+        file: PathBuf,
+        #[command(flatten)]
+        common: Common,
+        /// Run directory [default: runs/<name>/<timestamp>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Run the embedded demo pipeline.
+    Demo {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Measure the data pipeline (training and evaluation stages left out).
+    Bench {
+        file: PathBuf,
+        #[command(flatten)]
+        common: Common,
+        /// Samples to push through [default: one epoch].
+        #[arg(long)]
+        samples: Option<u64>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Add a hash of every output in dataset order (to check determinism).
+        #[arg(long)]
+        digest: bool,
+    },
+    /// List stage kinds.
+    Kinds,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    Dot,
+    Mermaid,
+}
+
+/// Why the command failed, mapped to an exit code.
+enum Failure {
+    Invalid(String),
+    Runtime(String),
+    Interrupted,
+}
+
+impl From<Diagnostics> for Failure {
+    fn from(d: Diagnostics) -> Self {
+        let n = d.len();
+        Failure::Invalid(format!("{d}\n{n} error{} found", if n == 1 { "" } else { "s" }))
+    }
+}
+
+impl From<RunError> for Failure {
+    fn from(e: RunError) -> Self {
+        match e {
+            RunError::Interrupted => Failure::Interrupted,
+            e => Failure::Runtime(format!("error: {e}")),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Runtime(format!("error: {e:#}"))
+    }
+}
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SIMCLR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+    let Some(command) = cli.command else {
+        use clap::CommandFactory;
+        let _ = Cli::command().print_help();
+        println!("\nNew here? Run `simclr demo`.");
+        return 0;
+    };
+    match dispatch(command) {
+        Ok(()) => 0,
+        Err(Failure::Invalid(msg)) => {
+            eprintln!("{msg}");
+            2
+        }
+        Err(Failure::Runtime(msg)) => {
+            eprintln!("{msg}");
+            1
+        }
+        Err(Failure::Interrupted) => {
+            eprintln!("interrupted");
+            130
+        }
+    }
+}
+
+fn load(file: &Path, set: &[String], seed: Option<u64>) -> Result<Plan, Failure> {
+    let mut set = set.to_vec();
+    if let Some(s) = seed {
+        set.push(format!("seed={s}"));
+    }
+    let spec = simclr_core::spec::load(file, &set)?;
+    let registry = simclr_stages::registry();
+    Ok(simclr_core::validate(spec, &registry)?)
+}
+
+fn load_str(name: &Path, src: &str, set: &[String], seed: Option<u64>) -> Result<Plan, Failure> {
+    let mut set = set.to_vec();
+    if let Some(s) = seed {
+        set.push(format!("seed={s}"));
+    }
+    let spec = simclr_core::spec::parse(name, src, &set)?;
+    Ok(simclr_core::validate(spec, &simclr_stages::registry())?)
+}
+
+fn dispatch(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Validate { file, set } => {
+            let plan = load(&file, &set, None)?;
+            println!(
+                "{}: valid ({} stages, {} chain{})",
+                file.display(),
+                plan.stages.len(),
+                plan.chains().len(),
+                if plan.chains().len() == 1 { "" } else { "s" }
+            );
+            Ok(())
+        }
+        Command::Graph { file, format, set } => {
+            let plan = load(&file, &set, None)?;
+            print!("{}", crate::graph_text(&plan, matches!(format, GraphFormat::Mermaid)));
+            Ok(())
+        }
+        Command::Run { file, common, out } => {
+            let plan = load(&file, &common.set, common.seed)?;
+            run(&plan, &common, out)
+        }
+        Command::Demo { common, out } => {
+            let plan = load_str(Path::new("pipelines/demo.yaml"), DEMO, &common.set, common.seed)?;
+            run(&plan, &common, out)
+        }
+        Command::Bench { file, common, samples, json, digest } => {
+            let plan = load(&file, &common.set, common.seed)?;
+            bench(&plan, &common, samples, json, digest)
+        }
+        Command::Kinds => {
+            let registry = simclr_stages::registry();
+            for f in registry.kinds() {
+                println!("{:<22} {:?}  {}", f.kind(), f.role(), f.about());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn options(plan: &Plan, common: &Common) -> RunOptions {
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = interrupt.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            // Second Ctrl-C: the user wants out now.
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing the current samples (Ctrl-C again to quit now)");
+    });
+    RunOptions {
+        seed: plan.spec.seed,
+        threads: common.threads.unwrap_or_else(simclr_core::runtime::default_threads).max(1),
+        fuse: plan.spec.fuse,
+        chunk: plan.spec.chunk,
+        interrupt,
+        ..RunOptions::default()
+    }
+}
+
+/// Shows a progress bar (only on a terminal) while `f` runs.
+fn with_progress<T>(opts: &RunOptions, f: impl FnOnce() -> T) -> T {
+    if !std::io::stderr().is_terminal() {
+        return f();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} samples  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let done = Arc::new(AtomicBool::new(false));
+    let (progress, total, d2, b2) =
+        (opts.progress.clone(), opts.progress_total.clone(), done.clone(), bar.clone());
+    let ticker = std::thread::spawn(move || {
+        while !d2.load(Ordering::Relaxed) {
+            b2.set_length(total.load(Ordering::Relaxed));
+            b2.set_position(progress.load(Ordering::Relaxed));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let out = f();
+    done.store(true, Ordering::Relaxed);
+    let _ = ticker.join();
+    bar.finish_and_clear();
+    out
+}
+
+fn run(plan: &Plan, common: &Common, out: Option<PathBuf>) -> Result<(), Failure> {
+    let opts = options(plan, common);
+    let dir = out.unwrap_or_else(|| PathBuf::from("runs").join(&plan.spec.name).join(crate::timestamp()));
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
+    let resolved = plan.spec.doc.value.to_json();
+    // JSON is YAML: the resolved pipeline (overrides applied) can be run again as is.
+    std::fs::write(dir.join("pipeline.yaml"), serde_json::to_string_pretty(&resolved).unwrap_or_default())
+        .with_context(|| format!("cannot write into {}", dir.display()))?;
+    let reports = with_progress(&opts, || run_plan(plan, &opts, Mode::Full))?;
+    for (_, r) in &reports {
+        print_report(r);
+    }
+    let json = serde_json::json!({ "chains": reports.iter().map(|(_, r)| r).collect::<Vec<_>>() });
+    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&json).unwrap_or_default())
+        .with_context(|| format!("cannot write into {}", dir.display()))?;
+    println!("run directory: {}", dir.display());
+    Ok(())
+}
+
+fn print_report(r: &RunReport) {
+    println!(
+        "{} samples in {:.2} s ({:.0} samples/s){}",
+        r.samples,
+        r.seconds,
+        r.samples as f64 / r.seconds.max(1e-9),
+        if r.skipped.is_empty() { String::new() } else { format!(", {} skipped", r.skipped.len()) }
+    );
+    println!(
+        "{:<16} {:<20} {:>10} {:>9} {:>10} {:>10} {:>8}",
+        "stage", "kind", "items", "busy_s", "starved_s", "blocked_s", "workers"
+    );
+    for s in &r.stages {
+        println!(
+            "{:<16} {:<20} {:>10} {:>9.3} {:>10.3} {:>10.3} {:>8}",
+            s.id, s.kind, s.items, s.busy_s, s.starved_s, s.blocked_s, s.workers
+        );
+    }
+}
+
+fn bench(
+    plan: &Plan,
+    common: &Common,
+    samples: Option<u64>,
+    json: bool,
+    digest: bool,
+) -> Result<(), Failure> {
+    let mut opts = options(plan, common);
+    opts.max_samples = samples;
+    opts.digest = digest;
+    if samples.is_none() {
+        opts.epochs = Some(1);
+    }
+    if has_sinks(plan) && !json {
+        eprintln!("bench: training and evaluation stages are left out; measuring the data pipeline");
+    }
+    let reports = with_progress(&opts, || run_plan(plan, &opts, Mode::DataOnly))?;
+    // The first chain is the data pipeline being measured.
+    let Some((_, r)) = reports.into_iter().next() else {
+        return Err(Failure::Invalid("the pipeline has no source stage to measure".into()));
+    };
+    for s in &r.skipped {
+        eprintln!(
+            "skipped sample {} ({}) at stage '{}': {}",
+            s.index,
+            s.name.as_deref().unwrap_or("-"),
+            s.stage,
+            s.message
+        );
+    }
+    if json {
+        let mut v = serde_json::json!({
+            "pipeline": plan.spec.name,
+            "samples": r.samples,
+            "seconds": r.seconds,
+            "samples_per_s": r.samples as f64 / r.seconds.max(1e-9),
+            "threads": opts.threads,
+            "chunk": r.chunk,
+            "skipped": r.skipped.len(),
+            "stages": r.stages,
+        });
+        if let Some(d) = &r.digest {
+            v["digest"] = serde_json::Value::String(d.clone());
+        }
+        println!("{v}");
+    } else {
+        print_report(&r);
+        if let Some(d) = &r.digest {
+            println!("digest: {d}");
+        }
+    }
+    Ok(())
+}
