@@ -15,6 +15,7 @@ pub use driver::{run_plan, Mode};
 pub use error::{Diagnostic, Diagnostics, RunError, StageError};
 pub use graph::{validate, Chain, Plan, PlannedStage};
 pub use runtime::{run_chain, ChainStages, RunOptions, RunReport, StageInfo, StageMetrics};
+pub use rng::StageRng;
 pub use sample::{Image, Payload, Sample};
 pub use spec::PipelineSpec;
 pub use stage::{

@@ -1,5 +1,6 @@
 //! simclr-stages: the built-in stage kinds.
 
+pub mod augment;
 pub mod basic;
 
 use simclr_core::Registry;
@@ -10,6 +11,7 @@ pub fn registry() -> Registry {
     r.register::<basic::Counter>()
         .register::<basic::Identity>()
         .register::<basic::Null>()
-        .register::<basic::Fail>();
+        .register::<basic::Fail>()
+        .register::<augment::views::Views>();
     r
 }

@@ -1,0 +1,46 @@
+//! Per-view augmentation stages. Each is a pure function of (view, its random stream): the
+//! stream of view `v` of sample `i` for stage `s` is keyed by (seed, epoch, i, v, s).
+
+use simclr_core::{Payload, Problem, Sample, SampleCtx, StageError, StageRng};
+
+pub mod views;
+
+/// Runs `f` on each selected view of a sample with that view's random stream.
+///
+/// `views: None` means every view; `Some([0])` applies the op to the first branch only (the
+/// paper's asymmetric ablation, Figure 5).
+pub fn for_each_view(
+    sample: &mut Sample,
+    views: Option<&[u32]>,
+    ctx: &SampleCtx,
+    mut f: impl FnMut(&mut simclr_core::Image, &mut StageRng) -> Result<(), StageError>,
+) -> Result<(), StageError> {
+    let Payload::Views(images) = &mut sample.payload else {
+        return Err(StageError::fatal("this stage needs decoded image views; put it after `decode`/`views`"));
+    };
+    for (v, img) in images.iter_mut().enumerate() {
+        let v = v as u32;
+        if views.is_some_and(|sel| !sel.contains(&v)) {
+            continue;
+        }
+        let mut rng = ctx.rng(v);
+        f(img, &mut rng)?;
+    }
+    Ok(())
+}
+
+/// Checks a `views:` selection.
+pub fn check_views(views: Option<&[u32]>, out: &mut Vec<Problem>) {
+    if let Some(v) = views {
+        if v.is_empty() || v.iter().any(|&x| x > 15) {
+            out.push(Problem::new("views", "`views` must list view numbers from 0 to 15", "write e.g. `views: [0]` for the first branch only"));
+        }
+    }
+}
+
+/// Checks a probability field.
+pub fn check_p(field: &str, p: f32, out: &mut Vec<Problem>) {
+    if !(0.0..=1.0).contains(&p) || !p.is_finite() {
+        out.push(Problem::new(field, format!("`{field}` = {p} is not a probability"), "use a value from 0 to 1"));
+    }
+}
