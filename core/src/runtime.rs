@@ -178,18 +178,43 @@ impl Shared {
     }
 }
 
-/// The order of dataset indices for one epoch: limit, shard, then shuffle.
-pub fn epoch_order(len: u64, opts: &SourceOptions, seed: u64, epoch: u32, source_id: &str) -> Vec<u64> {
+/// Items one epoch yields after `limit` and sharding (without listing them).
+pub fn epoch_len(len: u64, opts: &SourceOptions) -> u64 {
     let n = opts.limit.map_or(len, |l| l.min(len));
-    let mut order: Vec<u64> = match opts.shard {
-        Some(s) if s.count > 0 => (0..n).filter(|i| i % s.count == s.index).collect(),
-        _ => (0..n).collect(),
-    };
-    if opts.shuffle {
-        let mut rng = StreamKey { seed, epoch, index: u64::MAX, view: 0, stage: stage_key(source_id) }.rng();
-        order.shuffle(&mut rng);
+    match opts.shard {
+        Some(s) if s.count > 0 => {
+            if s.index >= n {
+                0
+            } else {
+                (n - s.index).div_ceil(s.count)
+            }
+        }
+        _ => n,
     }
-    order
+}
+
+/// The order of dataset indices for one epoch: limit, shard, then shuffle. Unshuffled orders
+/// are generated lazily, so a huge `counter` costs no memory.
+pub fn epoch_order(
+    len: u64,
+    opts: &SourceOptions,
+    seed: u64,
+    epoch: u32,
+    source_id: &str,
+) -> Box<dyn Iterator<Item = u64> + Send> {
+    let n = opts.limit.map_or(len, |l| l.min(len));
+    let (start, step) = match opts.shard {
+        Some(s) if s.count > 0 => (s.index, s.count),
+        _ => (0, 1),
+    };
+    let range = (start..n).step_by(usize::try_from(step).unwrap_or(usize::MAX));
+    if !opts.shuffle {
+        return Box::new(range);
+    }
+    let mut order: Vec<u64> = range.collect();
+    let mut rng = StreamKey { seed, epoch, index: u64::MAX, view: 0, stage: stage_key(source_id) }.rng();
+    order.shuffle(&mut rng);
+    Box::new(order.into_iter())
 }
 
 fn auto_chunk(samples: u64, workers: usize) -> usize {
@@ -205,7 +230,7 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
     let ChainStages { source: (source_info, source), maps, sink: (sink_info, mut sink) } = chain;
     let src_opts = source.options();
     let len = source.len();
-    let per_epoch = epoch_order(len, &src_opts, opts.seed, 0, &source_info.id).len() as u64;
+    let per_epoch = epoch_len(len, &src_opts);
     let epochs = match (opts.epochs, opts.max_samples) {
         (Some(e), _) => e,
         (None, Some(m)) if per_epoch > 0 => u32::try_from(m.div_ceil(per_epoch)).unwrap_or(u32::MAX),
@@ -277,25 +302,29 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
             let mut seq = 0u64;
             let mut emitted = 0u64;
             'epochs: for epoch in 0..epochs {
-                let order = epoch_order(len, &src_opts, seed, epoch, &source_id);
-                for part in order.chunks(chunk) {
+                let mut order = epoch_order(len, &src_opts, seed, epoch, &source_id);
+                loop {
                     let room = total - emitted;
                     if room == 0 {
                         break 'epochs;
                     }
-                    let part = &part[..part.len().min(room as usize)];
+                    let take = chunk.min(usize::try_from(room).unwrap_or(usize::MAX));
+                    let items: Vec<Sample> =
+                        order.by_ref().take(take).map(|index| Sample { index, epoch, ..Sample::default() }).collect();
+                    if items.is_empty() {
+                        break;
+                    }
                     if token_rx.recv().is_err() || shared.stopped() {
                         break 'epochs;
                     }
-                    let items =
-                        part.iter().map(|&index| Sample { index, epoch, ..Sample::default() }).collect();
+                    let count = items.len() as u64;
                     let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
                     peak.fetch_max(now, Ordering::SeqCst);
                     if feed_tx.send(Chunk { seq, items, skipped: Vec::new() }).is_err() {
                         break 'epochs;
                     }
                     seq += 1;
-                    emitted += part.len() as u64;
+                    emitted += count;
                 }
             }
         });

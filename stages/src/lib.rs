@@ -2,6 +2,8 @@
 
 pub mod augment;
 pub mod basic;
+pub mod decode;
+pub mod source;
 
 use simclr_core::Registry;
 
@@ -12,6 +14,12 @@ pub fn registry() -> Registry {
         .register::<basic::Identity>()
         .register::<basic::Null>()
         .register::<basic::Fail>()
+        .register::<source::cifar::Cifar10>()
+        .register::<source::cifar::Cifar100>()
+        .register::<source::stl10::Stl10>()
+        .register::<source::folder::ImageFolder>()
+        .register::<source::synthetic::SyntheticShapes>()
+        .register::<decode::Decode>()
         .register::<augment::views::Views>();
     r
 }

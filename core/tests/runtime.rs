@@ -1,0 +1,174 @@
+//! The runtime's promises: order, determinism across thread counts, clean stops, bounded memory.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use simclr_core::runtime::{epoch_order, run_chain, ChainStages, RunOptions, StageInfo};
+use simclr_core::{MapStage, OnError, RunError, Sample, SampleCtx, Sink, Source, SourceOptions, StageError};
+
+struct Count {
+    n: u64,
+    opts: SourceOptions,
+}
+
+impl Source for Count {
+    fn len(&self) -> u64 {
+        self.n
+    }
+    fn options(&self) -> SourceOptions {
+        self.opts
+    }
+    fn read(&self, index: u64, _ctx: &SampleCtx) -> Result<Sample, StageError> {
+        Ok(Sample { index, ..Sample::default() })
+    }
+}
+
+/// Draws from the sample's random stream, so the digest depends on the seeding being right.
+struct Noise;
+
+impl MapStage for Noise {
+    fn apply(&self, sample: &mut Sample, ctx: &SampleCtx) -> Result<(), StageError> {
+        use rand::Rng;
+        let mut rng = ctx.rng(0);
+        sample.label = Some(rng.random());
+        Ok(())
+    }
+}
+
+/// Sleeps on chosen samples, or fails on one.
+struct Slow {
+    sleep_on: Option<u64>,
+    fail_on: Option<u64>,
+    data_error: bool,
+}
+
+impl MapStage for Slow {
+    fn apply(&self, sample: &mut Sample, _ctx: &SampleCtx) -> Result<(), StageError> {
+        if self.sleep_on == Some(sample.index) {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        if self.fail_on == Some(sample.index) {
+            return Err(if self.data_error { StageError::data("bad sample") } else { StageError::fatal("boom") });
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Default)]
+struct Collect(Arc<Mutex<Vec<(u64, u32, Option<u32>)>>>);
+
+impl Sink for Collect {
+    fn consume(&mut self, s: Sample) -> Result<(), StageError> {
+        if let Ok(mut v) = self.0.lock() {
+            v.push((s.index, s.epoch, s.label));
+        }
+        Ok(())
+    }
+}
+
+fn info(id: &str) -> StageInfo {
+    StageInfo { id: id.into(), kind: id.into(), workers: None, capacity: None }
+}
+
+fn chain(n: u64, opts: SourceOptions, maps: Vec<Arc<dyn MapStage>>, sink: Box<dyn Sink>) -> ChainStages {
+    ChainStages {
+        source: (info("data"), Arc::new(Count { n, opts })),
+        maps: maps.into_iter().enumerate().map(|(i, m)| (info(&format!("m{i}")), m)).collect(),
+        sink: (info("sink"), sink),
+    }
+}
+
+#[test]
+fn output_is_in_dataset_order_and_identical_across_thread_counts() {
+    let shuffled = SourceOptions { shuffle: true, ..SourceOptions::default() };
+    let mut results = Vec::new();
+    for (threads, fuse, chunk) in [(1, true, None), (2, true, None), (8, true, Some(3)), (3, false, Some(1))] {
+        let out = Collect::default();
+        let maps: Vec<Arc<dyn MapStage>> = vec![Arc::new(Noise), Arc::new(Slow { sleep_on: None, fail_on: None, data_error: false })];
+        let opts = RunOptions { seed: 7, threads, fuse, chunk, digest: true, epochs: Some(2), ..RunOptions::default() };
+        let report = run_chain(chain(5000, shuffled, maps, Box::new(out.clone())), &opts).unwrap();
+        assert_eq!(report.samples, 10_000);
+        let got = out.0.lock().unwrap().clone();
+        results.push((report.digest.clone(), got));
+    }
+    let expected_order: Vec<u64> = (0..2).flat_map(|e| epoch_order(5000, &shuffled, 7, e, "data")).collect();
+    assert_eq!(simclr_core::runtime::epoch_len(5000, &shuffled), 5000);
+    for (digest, got) in &results {
+        assert_eq!(digest, &results[0].0);
+        assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), expected_order);
+        assert_eq!(got, &results[0].1);
+    }
+    // Shuffling differs between epochs and actually permutes.
+    assert_ne!(expected_order[..5000], expected_order[5000..]);
+    assert_ne!(expected_order[..5000].to_vec(), (0..5000).collect::<Vec<u64>>());
+}
+
+#[test]
+fn another_seed_gives_another_digest() {
+    let run = |seed| {
+        let opts = RunOptions { seed, threads: 2, digest: true, ..RunOptions::default() };
+        let maps: Vec<Arc<dyn MapStage>> = vec![Arc::new(Noise)];
+        run_chain(chain(100, SourceOptions::default(), maps, Box::new(Collect::default())), &opts).unwrap().digest
+    };
+    assert_eq!(run(1), run(1));
+    assert_ne!(run(1), run(2));
+}
+
+#[test]
+fn data_errors_follow_the_sources_on_error_policy() {
+    let maps = || -> Vec<Arc<dyn MapStage>> { vec![Arc::new(Slow { sleep_on: None, fail_on: Some(10), data_error: true })] };
+    let opts = RunOptions { threads: 2, ..RunOptions::default() };
+    let skip = SourceOptions { on_error: OnError::Skip, ..SourceOptions::default() };
+    let out = Collect::default();
+    let report = run_chain(chain(100, skip, maps(), Box::new(out.clone())), &opts).unwrap();
+    assert_eq!(report.samples, 99);
+    assert_eq!(report.skipped.len(), 1);
+    assert_eq!(report.skipped[0].index, 10);
+    assert!(!out.0.lock().unwrap().iter().any(|x| x.0 == 10));
+    let err = run_chain(chain(100, SourceOptions::default(), maps(), Box::new(Collect::default())), &opts);
+    assert!(matches!(err, Err(RunError::Sample { sample: 10, .. })));
+}
+
+#[test]
+fn one_slow_sample_does_not_let_the_reorder_buffer_grow_unbounded() {
+    // Sample 0 stalls its worker while the other worker races ahead: without the token
+    // window every later chunk would pile up in the reorder buffer.
+    let maps: Vec<Arc<dyn MapStage>> = vec![Arc::new(Slow { sleep_on: Some(0), fail_on: None, data_error: false })];
+    let opts = RunOptions { threads: 2, chunk: Some(1), ..RunOptions::default() };
+    let report = run_chain(chain(20_000, SourceOptions::default(), maps, Box::new(Collect::default())), &opts).unwrap();
+    assert_eq!(report.samples, 20_000);
+    assert!(report.peak_chunks_in_flight <= report.window_chunks, "{} > {}", report.peak_chunks_in_flight, report.window_chunks);
+    assert!(report.window_chunks < 64);
+}
+
+#[test]
+fn a_slow_sink_bounds_the_samples_in_flight() {
+    struct SlowSink;
+    impl Sink for SlowSink {
+        fn consume(&mut self, _s: Sample) -> Result<(), StageError> {
+            std::thread::sleep(Duration::from_micros(200));
+            Ok(())
+        }
+    }
+    let opts = RunOptions { threads: 2, chunk: Some(2), ..RunOptions::default() };
+    let report = run_chain(chain(2_000, SourceOptions::default(), vec![], Box::new(SlowSink)), &opts).unwrap();
+    assert!(report.peak_chunks_in_flight <= report.window_chunks);
+}
+
+#[test]
+fn limit_and_shards_partition_the_dataset() {
+    let mut all = Vec::new();
+    for index in 0..3 {
+        let o = SourceOptions { limit: Some(10), shard: Some(simclr_core::Shard { index, count: 3 }), ..SourceOptions::default() };
+        all.extend(epoch_order(100, &o, 0, 0, "data"));
+    }
+    all.sort_unstable();
+    let lens: u64 = (0..3)
+        .map(|index| {
+            let o = SourceOptions { limit: Some(10), shard: Some(simclr_core::Shard { index, count: 3 }), ..SourceOptions::default() };
+            simclr_core::runtime::epoch_len(100, &o)
+        })
+        .sum();
+    assert_eq!(lens, 10);
+    assert_eq!(all, (0..10).collect::<Vec<u64>>());
+}
