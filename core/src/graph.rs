@@ -135,7 +135,7 @@ fn config_fix(message: &str, kind: &str) -> (String, String) {
     if message.starts_with("missing field") {
         return (message.to_string(), format!("add it to the `{kind}` stage"));
     }
-    (message.to_string(), format!("see `simclr kinds {kind}` for the fields and their types"))
+    (message.to_string(), format!("see the `{kind}` entry of the stage reference in README.md for its fields and types"))
 }
 
 /// Checks a parsed spec against the registry and returns the runnable plan, or every problem.
@@ -160,7 +160,12 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
     }
     let index: HashMap<&str, usize> =
         spec.stages.iter().enumerate().rev().map(|(i, s)| (s.id.value.as_str(), i)).collect();
-    let ids: Vec<&str> = spec.stages.iter().map(|s| s.id.value.as_str()).collect();
+    let mut ids: Vec<&str> = Vec::new();
+    for s in &spec.stages {
+        if !ids.contains(&s.id.value.as_str()) {
+            ids.push(&s.id.value);
+        }
+    }
     let unknown_stage_fix = |name: &str| match crate::suggest(name, ids.iter().copied()) {
         Some(s) => format!("did you mean `{s}`? stages: {}", ids.join(", ")),
         None => format!("name one of: {}", ids.join(", ")),
