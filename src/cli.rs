@@ -286,6 +286,15 @@ fn run(plan: &Plan, common: &Common, out: Option<PathBuf>) -> Result<(), Failure
 }
 
 fn print_report(r: &RunReport) {
+    for s in &r.skipped {
+        eprintln!(
+            "skipped sample {} ({}) at stage '{}': {}",
+            s.index,
+            s.name.as_deref().unwrap_or("-"),
+            s.stage,
+            s.message
+        );
+    }
     println!(
         "{} samples in {:.2} s ({:.0} samples/s){}",
         r.samples,
@@ -326,7 +335,8 @@ fn bench(
     let Some((_, r)) = reports.into_iter().next() else {
         return Err(Failure::Invalid("the pipeline has no source stage to measure".into()));
     };
-    for s in &r.skipped {
+    // The table (print_report) lists skipped samples itself; JSON output lists them here.
+    for s in r.skipped.iter().filter(|_| json) {
         eprintln!(
             "skipped sample {} ({}) at stage '{}': {}",
             s.index,
