@@ -86,6 +86,23 @@ enum Command {
         #[arg(long)]
         digest: bool,
     },
+    /// Write a grid of source images and their augmented views (PNG).
+    Preview {
+        file: PathBuf,
+        /// Images (rows).
+        #[arg(short = 'n', long, default_value_t = 16)]
+        n: usize,
+        /// Output PNG.
+        #[arg(short = 'o', long, default_value = "views.png")]
+        out: PathBuf,
+        /// Side of each tile in pixels.
+        #[arg(long, default_value_t = 128)]
+        cell: u32,
+        #[arg(long = "set", value_name = "STAGE.FIELD=VALUE")]
+        set: Vec<String>,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// List stage kinds.
     Kinds,
 }
@@ -207,6 +224,14 @@ fn dispatch(command: Command) -> Result<(), Failure> {
         Command::Bench { file, common, samples, json, digest } => {
             let plan = load(&file, &common.set, common.seed)?;
             bench(&plan, &common, samples, json, digest)
+        }
+        Command::Preview { file, n, out, cell, set, seed } => {
+            let plan = load(&file, &set, seed)?;
+            let rows = simclr_stages::report::preview::collect(&plan, n.max(1))?;
+            let img = simclr_stages::report::preview::grid(&rows, cell.clamp(16, 1024));
+            simclr_stages::report::preview::write_png(&img, &out).map_err(Failure::Runtime)?;
+            println!("wrote {} ({} rows: source, then its views)", out.display(), rows.len());
+            Ok(())
         }
         Command::Kinds => {
             let registry = simclr_stages::registry();

@@ -50,12 +50,19 @@ fn corpus(dir: &Path) -> Vec<String> {
     let good = encode(image::DynamicImage::ImageRgb8(gradient(64, 48)), image::ImageFormat::Jpeg);
     std::fs::write(dir.join("good.jpg"), &good).unwrap();
     // Unusual but valid: grayscale, RGBA, 16-bit PNG, CMYK JPEG.
-    let gray = image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(40, 30, |x, _| image::Luma([x as u8 * 6])));
+    let gray =
+        image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(40, 30, |x, _| image::Luma([x as u8 * 6])));
     std::fs::write(dir.join("gray.png"), encode(gray, image::ImageFormat::Png)).unwrap();
-    let rgba = image::DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(20, 20, image::Rgba([9, 8, 7, 100])));
+    let rgba =
+        image::DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(20, 20, image::Rgba([9, 8, 7, 100])));
     std::fs::write(dir.join("rgba.png"), encode(rgba, image::ImageFormat::Png)).unwrap();
-    let deep = image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(20, 20, image::Rgb([1000u16, 40000, 65535]));
-    std::fs::write(dir.join("deep16.png"), encode(image::DynamicImage::ImageRgb16(deep), image::ImageFormat::Png)).unwrap();
+    let deep =
+        image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(20, 20, image::Rgb([1000u16, 40000, 65535]));
+    std::fs::write(
+        dir.join("deep16.png"),
+        encode(image::DynamicImage::ImageRgb16(deep), image::ImageFormat::Png),
+    )
+    .unwrap();
     let mut cmyk = Vec::new();
     let pixels: Vec<u8> = (0..32 * 32).flat_map(|i| [(i % 255) as u8, 40, 80, 10]).collect();
     jpeg_encoder::Encoder::new(&mut cmyk, 90).encode(&pixels, 32, 32, jpeg_encoder::ColorType::Cmyk).unwrap();
@@ -72,7 +79,10 @@ fn corpus(dir: &Path) -> Vec<String> {
     std::fs::write(dir.join("bomb.png"), png_bomb()).unwrap();
     // Unreadable even for root: a link to nowhere.
     std::os::unix::fs::symlink(dir.join("does-not-exist"), dir.join("dangling.jpg")).unwrap();
-    ["truncated.jpg", "empty.jpg", "noise.jpg", "bomb.png", "dangling.jpg"].iter().map(|s| s.to_string()).collect()
+    ["truncated.jpg", "empty.jpg", "noise.jpg", "bomb.png", "dangling.jpg"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 fn pipeline(dir: &Path, data: &Path, on_error: &str) -> PathBuf {
@@ -106,7 +116,10 @@ fn skip_names_every_bad_file_and_fail_stops_on_one() {
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     for name in &bad {
-        assert!(stderr.lines().any(|l| l.contains("skipped") && l.contains(name.as_str())), "{name} not named:\n{stderr}");
+        assert!(
+            stderr.lines().any(|l| l.contains("skipped") && l.contains(name.as_str())),
+            "{name} not named:\n{stderr}"
+        );
     }
     // 6 good + 5 bad files: the 6 good ones (CMYK, 16-bit, gray, RGBA, non-UTF-8 name) get through.
     assert!(stdout.contains("6 samples") && stdout.contains("5 skipped"), "{stdout}");
@@ -137,8 +150,14 @@ fn a_cifar_file_of_wrong_length_is_named() {
             format!("name: c\nstages:\n  - {{ id: data, kind: cifar10, path: ., on_error: {policy} }}\n  - {{ id: sink, kind: null }}\n"),
         )
         .unwrap();
-        let out =
-            Command::cargo_bin("simclr").unwrap().arg("run").arg(&p).arg("--out").arg(tmp.path().join(policy)).output().unwrap();
+        let out = Command::cargo_bin("simclr")
+            .unwrap()
+            .arg("run")
+            .arg(&p)
+            .arg("--out")
+            .arg(tmp.path().join(policy))
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(code), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(String::from_utf8_lossy(&out.stderr).contains("data_batch_1.bin"));
     }

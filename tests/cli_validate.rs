@@ -58,15 +58,21 @@ stages:
     }
     assert!(err.contains("did you mean `identity`"), "{err}");
     assert!(err.contains("did you mean `count`"), "{err}");
-    assert!(err.contains("(") && err.lines().filter(|l| l.starts_with(&f)).all(|l| l.ends_with(')')), "every error says how to fix it:\n{err}");
+    assert!(
+        err.contains("(") && err.lines().filter(|l| l.starts_with(&f)).all(|l| l.ends_with(')')),
+        "every error says how to fix it:\n{err}"
+    );
 }
 
 #[test]
 fn a_valid_file_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("ok.yaml");
-    std::fs::write(&file, "name: ok\nstages:\n  - { id: data, kind: counter, count: 5 }\n  - { id: sink, kind: null }\n")
-        .unwrap();
+    std::fs::write(
+        &file,
+        "name: ok\nstages:\n  - { id: data, kind: counter, count: 5 }\n  - { id: sink, kind: null }\n",
+    )
+    .unwrap();
     simclr().arg("validate").arg(&file).assert().success();
 }
 

@@ -53,6 +53,13 @@ pub fn build_chain(plan: &Plan, chain: &Chain, mode: Mode) -> Result<ChainStages
         let Stage::Map(stage) = build(plan, m)? else { return Err(wrong_role(plan, m, "map")) };
         maps.push((info(plan, m), stage));
     }
+    let batch = match chain.batch {
+        Some(b) => {
+            let Stage::Batch(batcher) = build(plan, b)? else { return Err(wrong_role(plan, b, "batcher")) };
+            Some((info(plan, b), batcher))
+        }
+        None => None,
+    };
     let sink: (StageInfo, Box<dyn Sink>) = match (chain.sink, mode) {
         (Some(k), Mode::Full) => {
             let Stage::Sink(sink) = build(plan, k)? else { return Err(wrong_role(plan, k, "sink")) };
@@ -63,7 +70,7 @@ pub fn build_chain(plan: &Plan, chain: &Chain, mode: Mode) -> Result<ChainStages
             Box::new(Discard),
         ),
     };
-    Ok(ChainStages { source: (info(plan, chain.source), source), maps, sink })
+    Ok(ChainStages { source: (info(plan, chain.source), source), maps, batch, sink })
 }
 
 /// Runs every chain of the plan in file order; returns one report per chain.

@@ -46,6 +46,7 @@ pub struct Plan {
 pub struct Chain {
     pub source: usize,
     pub maps: Vec<usize>,
+    pub batch: Option<usize>,
     pub sink: Option<usize>,
 }
 
@@ -71,11 +72,13 @@ impl Plan {
             if s.role != Role::Source {
                 continue;
             }
-            let mut chain = Chain { source: i, maps: Vec::new(), sink: None };
+            let mut chain = Chain { source: i, maps: Vec::new(), batch: None, sink: None };
             let mut cur = i;
             while let Some(next) = consumers.get(&cur).and_then(|c| c.first()).copied() {
                 match self.stages[next].role {
-                    Role::Map => chain.maps.push(next),
+                    Role::Map if chain.batch.is_none() => chain.maps.push(next),
+                    Role::Batch if chain.batch.is_none() => chain.batch = Some(next),
+                    Role::Map | Role::Batch => break,
                     Role::Sink => {
                         chain.sink = Some(next);
                         break;
@@ -135,7 +138,10 @@ fn config_fix(message: &str, kind: &str) -> (String, String) {
     if message.starts_with("missing field") {
         return (message.to_string(), format!("add it to the `{kind}` stage"));
     }
-    (message.to_string(), format!("see the `{kind}` entry of the stage reference in README.md for its fields and types"))
+    (
+        message.to_string(),
+        format!("see the `{kind}` entry of the stage reference in README.md for its fields and types"),
+    )
 }
 
 /// Checks a parsed spec against the registry and returns the runnable plan, or every problem.

@@ -14,13 +14,13 @@ pub mod yaml;
 pub use driver::{run_plan, Mode};
 pub use error::{Diagnostic, Diagnostics, RunError, StageError};
 pub use graph::{validate, Chain, Plan, PlannedStage};
-pub use runtime::{run_chain, ChainStages, RunOptions, RunReport, StageInfo, StageMetrics};
 pub use rng::StageRng;
-pub use sample::{Image, Payload, Sample};
+pub use runtime::{run_chain, ChainStages, RunOptions, RunReport, StageInfo, StageMetrics};
+pub use sample::{Batch, Image, Payload, Sample, Tensor};
 pub use spec::PipelineSpec;
 pub use stage::{
-    Configured, Context, Factory, MapStage, OnError, PortType, Problem, Registry, Role, SampleCtx, Shard,
-    Sink, Source, SourceOptions, Stage, StageConfig, StageRef,
+    Batcher, Configured, Context, Factory, MapStage, OnError, PortType, Problem, Registry, Role, SampleCtx,
+    Shard, Sink, Source, SourceOptions, Stage, StageConfig, StageRef,
 };
 
 /// The candidate closest to `word`, if close enough to be a likely typo.

@@ -35,6 +35,25 @@ pub enum Payload {
     Encoded(Vec<u8>),
     /// One decoded image, or the views made from it.
     Views(Vec<Image>),
+    /// The views as f32 C x H x W tensors (after `to_tensor`).
+    Tensors(Vec<Tensor>),
+    /// A batch of consecutive samples (after `batch`).
+    Batch(Batch),
+}
+
+/// A dense f32 tensor, row-major.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// `batch_size` consecutive samples: one N x C x H x W tensor per view.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Batch {
+    pub views: Vec<Tensor>,
+    pub indices: Vec<u64>,
+    pub labels: Vec<Option<u32>>,
 }
 
 /// One item of the dataset on its way through the pipeline.
@@ -71,6 +90,28 @@ impl Sample {
                     h.update(&v.data);
                 }
             }
+            Payload::Tensors(ts) => {
+                h.update(&[3]);
+                ts.iter().for_each(|t| digest_tensor(t, h));
+            }
+            Payload::Batch(b) => {
+                h.update(&[4]);
+                b.views.iter().for_each(|t| digest_tensor(t, h));
+                for (i, l) in b.indices.iter().zip(&b.labels) {
+                    h.update(&i.to_le_bytes());
+                    h.update(&l.map_or(u64::MAX, u64::from).to_le_bytes());
+                }
+            }
         }
+    }
+}
+
+fn digest_tensor(t: &Tensor, h: &mut xxhash_rust::xxh3::Xxh3) {
+    h.update(&(t.shape.len() as u64).to_le_bytes());
+    for d in &t.shape {
+        h.update(&(*d as u64).to_le_bytes());
+    }
+    for x in &t.data {
+        h.update(&x.to_bits().to_le_bytes());
     }
 }

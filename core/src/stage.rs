@@ -26,6 +26,8 @@ pub enum PortType {
     Encoded,
     /// Decoded RGB8 images: one per sample, or its views.
     Views,
+    /// Views as f32 tensors (after `to_tensor`).
+    Tensors,
     /// Batches of f32 tensors.
     Batch,
     /// A trained encoder (an artifact, not a stream).
@@ -42,6 +44,7 @@ impl fmt::Display for PortType {
             PortType::Nothing => "nothing",
             PortType::Encoded => "encoded bytes",
             PortType::Views => "image views",
+            PortType::Tensors => "view tensors",
             PortType::Batch => "batches",
             PortType::Encoder => "an encoder artifact",
             PortType::Any => "anything",
@@ -64,6 +67,8 @@ pub enum Role {
     Source,
     /// Transforms one sample at a time; called from many threads.
     Map,
+    /// Groups the ordered stream into batches, on the collector thread.
+    Batch,
     /// Consumes the ordered stream on one thread (training, evaluation, writers).
     Sink,
 }
@@ -141,10 +146,19 @@ pub trait Sink: Send {
     }
 }
 
+/// Groups consecutive samples; sees them in dataset order.
+pub trait Batcher: Send {
+    /// Takes the next sample; returns a finished batch (as a sample) when there is one.
+    fn push(&mut self, sample: Sample) -> Result<Option<Sample>, StageError>;
+    /// At the end of the data: the last, partial batch if it is kept.
+    fn flush(&mut self) -> Result<Option<Sample>, StageError>;
+}
+
 /// A built stage, ready to run.
 pub enum Stage {
     Source(Arc<dyn Source>),
     Map(Arc<dyn MapStage>),
+    Batch(Box<dyn Batcher>),
     Sink(Box<dyn Sink>),
 }
 

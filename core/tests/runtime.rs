@@ -48,7 +48,11 @@ impl MapStage for Slow {
             std::thread::sleep(Duration::from_millis(300));
         }
         if self.fail_on == Some(sample.index) {
-            return Err(if self.data_error { StageError::data("bad sample") } else { StageError::fatal("boom") });
+            return Err(if self.data_error {
+                StageError::data("bad sample")
+            } else {
+                StageError::fatal("boom")
+            });
         }
         Ok(())
     }
@@ -74,6 +78,7 @@ fn chain(n: u64, opts: SourceOptions, maps: Vec<Arc<dyn MapStage>>, sink: Box<dy
     ChainStages {
         source: (info("data"), Arc::new(Count { n, opts })),
         maps: maps.into_iter().enumerate().map(|(i, m)| (info(&format!("m{i}")), m)).collect(),
+        batch: None,
         sink: (info("sink"), sink),
     }
 }
@@ -82,10 +87,20 @@ fn chain(n: u64, opts: SourceOptions, maps: Vec<Arc<dyn MapStage>>, sink: Box<dy
 fn output_is_in_dataset_order_and_identical_across_thread_counts() {
     let shuffled = SourceOptions { shuffle: true, ..SourceOptions::default() };
     let mut results = Vec::new();
-    for (threads, fuse, chunk) in [(1, true, None), (2, true, None), (8, true, Some(3)), (3, false, Some(1))] {
+    for (threads, fuse, chunk) in [(1, true, None), (2, true, None), (8, true, Some(3)), (3, false, Some(1))]
+    {
         let out = Collect::default();
-        let maps: Vec<Arc<dyn MapStage>> = vec![Arc::new(Noise), Arc::new(Slow { sleep_on: None, fail_on: None, data_error: false })];
-        let opts = RunOptions { seed: 7, threads, fuse, chunk, digest: true, epochs: Some(2), ..RunOptions::default() };
+        let maps: Vec<Arc<dyn MapStage>> =
+            vec![Arc::new(Noise), Arc::new(Slow { sleep_on: None, fail_on: None, data_error: false })];
+        let opts = RunOptions {
+            seed: 7,
+            threads,
+            fuse,
+            chunk,
+            digest: true,
+            epochs: Some(2),
+            ..RunOptions::default()
+        };
         let report = run_chain(chain(5000, shuffled, maps, Box::new(out.clone())), &opts).unwrap();
         assert_eq!(report.samples, 10_000);
         let got = out.0.lock().unwrap().clone();
@@ -108,7 +123,9 @@ fn another_seed_gives_another_digest() {
     let run = |seed| {
         let opts = RunOptions { seed, threads: 2, digest: true, ..RunOptions::default() };
         let maps: Vec<Arc<dyn MapStage>> = vec![Arc::new(Noise)];
-        run_chain(chain(100, SourceOptions::default(), maps, Box::new(Collect::default())), &opts).unwrap().digest
+        run_chain(chain(100, SourceOptions::default(), maps, Box::new(Collect::default())), &opts)
+            .unwrap()
+            .digest
     };
     assert_eq!(run(1), run(1));
     assert_ne!(run(1), run(2));
@@ -116,7 +133,9 @@ fn another_seed_gives_another_digest() {
 
 #[test]
 fn data_errors_follow_the_sources_on_error_policy() {
-    let maps = || -> Vec<Arc<dyn MapStage>> { vec![Arc::new(Slow { sleep_on: None, fail_on: Some(10), data_error: true })] };
+    let maps = || -> Vec<Arc<dyn MapStage>> {
+        vec![Arc::new(Slow { sleep_on: None, fail_on: Some(10), data_error: true })]
+    };
     let opts = RunOptions { threads: 2, ..RunOptions::default() };
     let skip = SourceOptions { on_error: OnError::Skip, ..SourceOptions::default() };
     let out = Collect::default();
@@ -133,11 +152,19 @@ fn data_errors_follow_the_sources_on_error_policy() {
 fn one_slow_sample_does_not_let_the_reorder_buffer_grow_unbounded() {
     // Sample 0 stalls its worker while the other worker races ahead: without the token
     // window every later chunk would pile up in the reorder buffer.
-    let maps: Vec<Arc<dyn MapStage>> = vec![Arc::new(Slow { sleep_on: Some(0), fail_on: None, data_error: false })];
+    let maps: Vec<Arc<dyn MapStage>> =
+        vec![Arc::new(Slow { sleep_on: Some(0), fail_on: None, data_error: false })];
     let opts = RunOptions { threads: 2, chunk: Some(1), ..RunOptions::default() };
-    let report = run_chain(chain(20_000, SourceOptions::default(), maps, Box::new(Collect::default())), &opts).unwrap();
+    let report =
+        run_chain(chain(20_000, SourceOptions::default(), maps, Box::new(Collect::default())), &opts)
+            .unwrap();
     assert_eq!(report.samples, 20_000);
-    assert!(report.peak_chunks_in_flight <= report.window_chunks, "{} > {}", report.peak_chunks_in_flight, report.window_chunks);
+    assert!(
+        report.peak_chunks_in_flight <= report.window_chunks,
+        "{} > {}",
+        report.peak_chunks_in_flight,
+        report.window_chunks
+    );
     assert!(report.window_chunks < 64);
 }
 
@@ -151,7 +178,8 @@ fn a_slow_sink_bounds_the_samples_in_flight() {
         }
     }
     let opts = RunOptions { threads: 2, chunk: Some(2), ..RunOptions::default() };
-    let report = run_chain(chain(2_000, SourceOptions::default(), vec![], Box::new(SlowSink)), &opts).unwrap();
+    let report =
+        run_chain(chain(2_000, SourceOptions::default(), vec![], Box::new(SlowSink)), &opts).unwrap();
     assert!(report.peak_chunks_in_flight <= report.window_chunks);
 }
 
@@ -159,13 +187,21 @@ fn a_slow_sink_bounds_the_samples_in_flight() {
 fn limit_and_shards_partition_the_dataset() {
     let mut all = Vec::new();
     for index in 0..3 {
-        let o = SourceOptions { limit: Some(10), shard: Some(simclr_core::Shard { index, count: 3 }), ..SourceOptions::default() };
+        let o = SourceOptions {
+            limit: Some(10),
+            shard: Some(simclr_core::Shard { index, count: 3 }),
+            ..SourceOptions::default()
+        };
         all.extend(epoch_order(100, &o, 0, 0, "data"));
     }
     all.sort_unstable();
     let lens: u64 = (0..3)
         .map(|index| {
-            let o = SourceOptions { limit: Some(10), shard: Some(simclr_core::Shard { index, count: 3 }), ..SourceOptions::default() };
+            let o = SourceOptions {
+                limit: Some(10),
+                shard: Some(simclr_core::Shard { index, count: 3 }),
+                ..SourceOptions::default()
+            };
             simclr_core::runtime::epoch_len(100, &o)
         })
         .sum();

@@ -46,8 +46,14 @@ fn info(id: &str) -> StageInfo {
 }
 
 fn chain(n: u64, fail_at: Option<u64>) -> ChainStages {
-    let maps: Vec<(StageInfo, Arc<dyn MapStage>)> = fail_at.map(|f| (info("bad"), Arc::new(FailAt(f)) as Arc<dyn MapStage>)).into_iter().collect();
-    ChainStages { source: (info("data"), Arc::new(Count(n))), maps, sink: (info("sink"), Box::new(Drop_)) }
+    let maps: Vec<(StageInfo, Arc<dyn MapStage>)> =
+        fail_at.map(|f| (info("bad"), Arc::new(FailAt(f)) as Arc<dyn MapStage>)).into_iter().collect();
+    ChainStages {
+        source: (info("data"), Arc::new(Count(n))),
+        maps,
+        batch: None,
+        sink: (info("sink"), Box::new(Drop_)),
+    }
 }
 
 fn threads_now() -> usize {

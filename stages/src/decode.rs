@@ -10,7 +10,8 @@ use std::sync::Arc;
 use image::{ImageReader, Limits};
 use serde::Deserialize;
 use simclr_core::{
-    Context, Image, MapStage, Payload, PortType, Problem, Role, Sample, SampleCtx, Stage, StageConfig, StageError,
+    Context, Image, MapStage, Payload, PortType, Problem, Role, Sample, SampleCtx, Stage, StageConfig,
+    StageError,
 };
 
 #[derive(Clone, Debug, Deserialize)]
@@ -34,7 +35,11 @@ impl StageConfig for Decode {
     }
     fn check(&self, _cx: &Context, out: &mut Vec<Problem>) {
         if self.max_pixels == 0 {
-            out.push(Problem::new("max_pixels", "`max_pixels` must be positive", "remove it for the default of 100 megapixels"));
+            out.push(Problem::new(
+                "max_pixels",
+                "`max_pixels` must be positive",
+                "remove it for the default of 100 megapixels",
+            ));
         }
     }
     fn build(&self, _cx: &Context) -> Result<Stage, StageError> {
@@ -54,7 +59,9 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Image, String> {
     let (w, h) = reader.into_dimensions().map_err(|e| format!("cannot read the header: {e}"))?;
     let pixels = u64::from(w) * u64::from(h);
     if pixels > max_pixels {
-        return Err(format!("{w}x{h} = {pixels} pixels is over max_pixels = {max_pixels} (raise `max_pixels` if it is real)"));
+        return Err(format!(
+            "{w}x{h} = {pixels} pixels is over max_pixels = {max_pixels} (raise `max_pixels` if it is real)"
+        ));
     }
     let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
     let mut limits = Limits::default();
@@ -64,7 +71,8 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Image, String> {
     let img = reader.decode().map_err(|e| format!("cannot decode: {e}"))?;
     let rgb = img.into_rgb8();
     let (w, h) = rgb.dimensions();
-    Image::from_raw(w, h, rgb.into_raw()).ok_or_else(|| "decoder returned a buffer of the wrong size".to_string())
+    Image::from_raw(w, h, rgb.into_raw())
+        .ok_or_else(|| "decoder returned a buffer of the wrong size".to_string())
 }
 
 impl MapStage for Decode {
@@ -97,19 +105,26 @@ mod tests {
         assert!(img.data.iter().all(|&b| b == 77));
 
         let rgba = image::RgbaImage::from_pixel(2, 2, image::Rgba([10, 20, 30, 0]));
-        let img = decode(&encode(image::DynamicImage::ImageRgba8(rgba), image::ImageFormat::Png), 1000).unwrap();
+        let img =
+            decode(&encode(image::DynamicImage::ImageRgba8(rgba), image::ImageFormat::Png), 1000).unwrap();
         assert_eq!(&img.data[..3], &[10, 20, 30]);
 
-        let deep = image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(2, 2, image::Rgb([65535u16, 0, 32896]));
-        let img = decode(&encode(image::DynamicImage::ImageRgb16(deep), image::ImageFormat::Png), 1000).unwrap();
+        let deep =
+            image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(2, 2, image::Rgb([65535u16, 0, 32896]));
+        let img =
+            decode(&encode(image::DynamicImage::ImageRgb16(deep), image::ImageFormat::Png), 1000).unwrap();
         assert_eq!(&img.data[..3], &[255, 0, 128]);
     }
 
     #[test]
     fn jpeg_round_trips_approximately() {
         let rgb = image::RgbImage::from_pixel(16, 16, image::Rgb([200, 100, 50]));
-        let img = decode(&encode(image::DynamicImage::ImageRgb8(rgb), image::ImageFormat::Jpeg), 1000).unwrap();
-        assert!(img.data.chunks(3).all(|p| p[0].abs_diff(200) < 6 && p[1].abs_diff(100) < 6 && p[2].abs_diff(50) < 6));
+        let img =
+            decode(&encode(image::DynamicImage::ImageRgb8(rgb), image::ImageFormat::Jpeg), 1000).unwrap();
+        assert!(img
+            .data
+            .chunks(3)
+            .all(|p| p[0].abs_diff(200) < 6 && p[1].abs_diff(100) < 6 && p[2].abs_diff(50) < 6));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 pub mod augment;
 pub mod basic;
 pub mod decode;
+pub mod report;
 pub mod source;
+pub mod tensor;
 
 use simclr_core::Registry;
 
@@ -20,6 +22,20 @@ pub fn registry() -> Registry {
         .register::<source::folder::ImageFolder>()
         .register::<source::synthetic::SyntheticShapes>()
         .register::<decode::Decode>()
-        .register::<augment::views::Views>();
+        .register::<augment::views::Views>()
+        .register::<tensor::ToTensor>()
+        .register::<tensor::BatchConfig>()
+        .register::<augment::crop::RandomResizedCrop>()
+        .register::<augment::flip::HorizontalFlip>()
+        .register::<augment::color::ColorDistort>()
+        .register::<augment::color::ColorJitter>()
+        .register::<augment::color::RandomGrayscale>()
+        .register::<augment::blur::GaussianBlur>()
+        .register::<augment::cutout::Cutout>()
+        .register::<augment::sobel::Sobel>()
+        .register::<augment::noise::GaussianNoise>()
+        .register::<augment::rotate::Rotate>()
+        .register::<augment::tone::Solarize>()
+        .register::<augment::tone::Equalize>();
     r
 }

@@ -3,6 +3,15 @@
 
 use simclr_core::{Payload, Problem, Sample, SampleCtx, StageError, StageRng};
 
+pub mod blur;
+pub mod color;
+pub mod crop;
+pub mod cutout;
+pub mod flip;
+pub mod noise;
+pub mod rotate;
+pub mod sobel;
+pub mod tone;
 pub mod views;
 
 /// Runs `f` on each selected view of a sample with that view's random stream.
@@ -33,7 +42,11 @@ pub fn for_each_view(
 pub fn check_views(views: Option<&[u32]>, out: &mut Vec<Problem>) {
     if let Some(v) = views {
         if v.is_empty() || v.iter().any(|&x| x > 15) {
-            out.push(Problem::new("views", "`views` must list view numbers from 0 to 15", "write e.g. `views: [0]` for the first branch only"));
+            out.push(Problem::new(
+                "views",
+                "`views` must list view numbers from 0 to 15",
+                "write e.g. `views: [0]` for the first branch only",
+            ));
         }
     }
 }
@@ -41,6 +54,10 @@ pub fn check_views(views: Option<&[u32]>, out: &mut Vec<Problem>) {
 /// Checks a probability field.
 pub fn check_p(field: &str, p: f32, out: &mut Vec<Problem>) {
     if !(0.0..=1.0).contains(&p) || !p.is_finite() {
-        out.push(Problem::new(field, format!("`{field}` = {p} is not a probability"), "use a value from 0 to 1"));
+        out.push(Problem::new(
+            field,
+            format!("`{field}` = {p} is not a probability"),
+            "use a value from 0 to 1",
+        ));
     }
 }

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use serde::Deserialize;
-use simclr_core::{Context, MapStage, Payload, PortType, Problem, Role, Sample, SampleCtx, Stage, StageConfig, StageError};
+use simclr_core::{
+    Context, MapStage, Payload, PortType, Problem, Role, Sample, SampleCtx, Stage, StageConfig, StageError,
+};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

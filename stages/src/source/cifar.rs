@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use simclr_core::{
-    Context, Image, OnError, Payload, PortType, Problem, Role, Sample, SampleCtx, Shard, Source, SourceOptions,
-    Stage, StageConfig, StageError,
+    Context, Image, OnError, Payload, PortType, Problem, Role, Sample, SampleCtx, Shard, Source,
+    SourceOptions, Stage, StageConfig, StageError,
 };
 
 use super::{check_common, check_exists};
@@ -96,14 +96,24 @@ macro_rules! cifar_config {
 
         impl $name {
             fn options(&self) -> SourceOptions {
-                SourceOptions { shuffle: self.shuffle, limit: self.limit, shard: self.shard, on_error: self.on_error }
+                SourceOptions {
+                    shuffle: self.shuffle,
+                    limit: self.limit,
+                    shard: self.shard,
+                    on_error: self.on_error,
+                }
             }
         }
     };
 }
 
 cifar_config!(Cifar10, "cifar10", "source: CIFAR-10 binary files (32x32, 10 classes)", label);
-cifar_config!(Cifar100, "cifar100", "source: CIFAR-100 binary files (32x32, 100 fine / 20 coarse classes)", label);
+cifar_config!(
+    Cifar100,
+    "cifar100",
+    "source: CIFAR-100 binary files (32x32, 100 fine / 20 coarse classes)",
+    label
+);
 
 /// The files of a split, in order.
 fn files(path: &Path, kind: &str, split: Split) -> Result<Vec<PathBuf>, Problem> {
@@ -120,7 +130,8 @@ fn files(path: &Path, kind: &str, split: Split) -> Result<Vec<PathBuf>, Problem>
     if found.is_empty() {
         return Err(Problem::new(
             "path",
-            format!("no {kind} {split:?} files ({}) in `{}`", names.join(", "), path.display()).to_lowercase(),
+            format!("no {kind} {split:?} files ({}) in `{}`", names.join(", "), path.display())
+                .to_lowercase(),
             "point `path` at the extracted `cifar-10-batches-bin` (or `cifar-100-binary`) folder",
         ));
     }
@@ -137,12 +148,18 @@ pub struct Records {
 }
 
 impl Records {
-    fn open(paths: &[PathBuf], header: usize, label_at: usize, opts: SourceOptions) -> Result<Self, StageError> {
+    fn open(
+        paths: &[PathBuf],
+        header: usize,
+        label_at: usize,
+        opts: SourceOptions,
+    ) -> Result<Self, StageError> {
         let rec = (header + 3 * PIXELS) as u64;
         let mut files = Vec::new();
         let mut len = 0;
         for p in paths {
-            let f = File::open(p).map_err(|e| StageError::fatal(format!("cannot open {}: {e}", p.display())))?;
+            let f =
+                File::open(p).map_err(|e| StageError::fatal(format!("cannot open {}: {e}", p.display())))?;
             let size = f.metadata().map_err(|e| StageError::fatal(format!("{}: {e}", p.display())))?.len();
             let whole = size / rec;
             let partial = size % rec != 0;
@@ -214,7 +231,8 @@ mod tests {
         let mut bytes = record(3, 1);
         bytes.extend(record(9, 2));
         std::fs::write(dir.path().join("test_batch.bin"), &bytes).unwrap();
-        let cfg: Cifar10 = serde_json::from_value(serde_json::json!({"path": dir.path(), "split": "test"})).unwrap();
+        let cfg: Cifar10 =
+            serde_json::from_value(serde_json::json!({"path": dir.path(), "split": "test"})).unwrap();
         let cx = Context { base_dir: PathBuf::new(), seed: 0, stage_id: "data".into() };
         let Stage::Source(src) = StageConfig::build(&cfg, &cx).unwrap() else { panic!("not a source") };
         assert_eq!(src.len(), 2);

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use simclr_core::{
-    Context, OnError, Payload, PortType, Problem, Role, Sample, SampleCtx, Shard, Source, SourceOptions, Stage,
-    StageConfig, StageError,
+    Context, OnError, Payload, PortType, Problem, Role, Sample, SampleCtx, Shard, Source, SourceOptions,
+    Stage, StageConfig, StageError,
 };
 
 use super::{check_common, check_exists};
@@ -95,7 +95,11 @@ impl StageConfig for ImageFolder {
         check_common(&self.options(), out);
         let root = cx.resolve(&self.path);
         if check_exists("path", &root, "the image folder", out) && !root.is_dir() {
-            out.push(Problem::new("path", format!("`{}` is not a folder", root.display()), "point `path` at a folder of images"));
+            out.push(Problem::new(
+                "path",
+                format!("`{}` is not a folder", root.display()),
+                "point `path` at a folder of images",
+            ));
         }
     }
     fn build(&self, cx: &Context) -> Result<Stage, StageError> {
@@ -132,7 +136,13 @@ impl Source for FolderSource {
             .get(index as usize)
             .ok_or_else(|| StageError::fatal(format!("index {index} is past the end of the data")))?;
         let bytes = std::fs::read(path).map_err(|e| StageError::data(format!("{name}: cannot read: {e}")))?;
-        Ok(Sample { index, label: *label, name: Some(name.clone()), payload: Payload::Encoded(bytes), ..Sample::default() })
+        Ok(Sample {
+            index,
+            label: *label,
+            name: Some(name.clone()),
+            payload: Payload::Encoded(bytes),
+            ..Sample::default()
+        })
     }
 }
 
@@ -143,7 +153,8 @@ mod tests {
     #[test]
     fn class_folders_give_sorted_labels() {
         let dir = tempfile::tempdir().unwrap();
-        for (class, file) in [("b_dog", "1.jpg"), ("a_cat", "2.PNG"), ("a_cat", "1.webp"), ("b_dog", "x.txt")] {
+        for (class, file) in [("b_dog", "1.jpg"), ("a_cat", "2.PNG"), ("a_cat", "1.webp"), ("b_dog", "x.txt")]
+        {
             std::fs::create_dir_all(dir.path().join(class)).unwrap();
             std::fs::write(dir.path().join(class).join(file), b"x").unwrap();
         }
@@ -151,7 +162,10 @@ mod tests {
         assert_eq!(names, vec!["a_cat", "b_dog"]);
         let got: Vec<(String, Option<u32>)> =
             files.iter().map(|(p, l)| (p.file_name().unwrap().to_string_lossy().into_owned(), *l)).collect();
-        assert_eq!(got, vec![("1.webp".into(), Some(0)), ("2.PNG".into(), Some(0)), ("1.jpg".into(), Some(1))]);
+        assert_eq!(
+            got,
+            vec![("1.webp".into(), Some(0)), ("2.PNG".into(), Some(0)), ("1.jpg".into(), Some(1))]
+        );
     }
 
     #[test]

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use simclr_core::{
-    Context, Image, OnError, Payload, PortType, Problem, Role, Sample, SampleCtx, Shard, Source, SourceOptions,
-    Stage, StageConfig, StageError,
+    Context, Image, OnError, Payload, PortType, Problem, Role, Sample, SampleCtx, Shard, Source,
+    SourceOptions, Stage, StageConfig, StageError,
 };
 
 use super::{check_common, check_exists};
@@ -88,7 +88,8 @@ impl StageConfig for Stl10 {
         let mut len = 0;
         for (x, y) in self.parts() {
             let xp = dir.join(x);
-            let f = File::open(&xp).map_err(|e| StageError::fatal(format!("cannot open {}: {e}", xp.display())))?;
+            let f = File::open(&xp)
+                .map_err(|e| StageError::fatal(format!("cannot open {}: {e}", xp.display())))?;
             let size = f.metadata().map_err(|e| StageError::fatal(format!("{}: {e}", xp.display())))?.len();
             let n = size.div_ceil(REC as u64);
             let labels = match y {
@@ -182,7 +183,8 @@ mod tests {
         x[REC + 2 * SIDE + 5] = 200;
         std::fs::write(dir.path().join("train_X.bin"), &x).unwrap();
         std::fs::write(dir.path().join("train_y.bin"), [1u8, 10]).unwrap();
-        let cfg: Stl10 = serde_json::from_value(serde_json::json!({"path": dir.path(), "split": "train"})).unwrap();
+        let cfg: Stl10 =
+            serde_json::from_value(serde_json::json!({"path": dir.path(), "split": "train"})).unwrap();
         let cx = Context { base_dir: PathBuf::new(), seed: 0, stage_id: "data".into() };
         let Stage::Source(src) = StageConfig::build(&cfg, &cx).unwrap() else { panic!("not a source") };
         assert_eq!(src.len(), 2);

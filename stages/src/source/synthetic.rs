@@ -12,8 +12,8 @@ use rand::Rng;
 use serde::Deserialize;
 use simclr_core::rng::{stage_key, StreamKey};
 use simclr_core::{
-    Context, Image, OnError, Payload, PortType, Problem, Role, Sample, SampleCtx, Shard, Source, SourceOptions,
-    Stage, StageConfig, StageError,
+    Context, Image, OnError, Payload, PortType, Problem, Role, Sample, SampleCtx, Shard, Source,
+    SourceOptions, Stage, StageConfig, StageError,
 };
 
 use super::check_common;
@@ -85,7 +85,11 @@ impl StageConfig for SyntheticShapes {
     fn check(&self, _cx: &Context, out: &mut Vec<Problem>) {
         check_common(&self.options(), out);
         if !(2..=SHAPES.len() as u32).contains(&self.classes) {
-            out.push(Problem::new("classes", format!("`classes` must be from 2 to {}", SHAPES.len()), "use e.g. `classes: 6`"));
+            out.push(Problem::new(
+                "classes",
+                format!("`classes` must be from 2 to {}", SHAPES.len()),
+                "use e.g. `classes: 6`",
+            ));
         }
         if !(8..=1024).contains(&self.size) {
             out.push(Problem::new("size", "`size` must be from 8 to 1024 pixels", "use e.g. `size: 32`"));
@@ -127,7 +131,13 @@ impl Source for Shapes {
     }
     fn read(&self, index: u64, _ctx: &SampleCtx) -> Result<Sample, StageError> {
         // Keyed by the index alone (not the epoch): the dataset is the same every epoch.
-        let key = StreamKey { seed: self.seed, epoch: 0, index: index + self.offset, view: 0, stage: stage_key("synthetic_shapes") };
+        let key = StreamKey {
+            seed: self.seed,
+            epoch: 0,
+            index: index + self.offset,
+            view: 0,
+            stage: stage_key("synthetic_shapes"),
+        };
         let class = (index % u64::from(self.classes)) as u32;
         let image = draw(self.size, class as usize, &mut key.rng());
         Ok(Sample { index, label: Some(class), payload: Payload::Views(vec![image]), ..Sample::default() })

@@ -1,0 +1,3 @@
+//! Things a person looks at: preview grids (plots and tables come with training).
+
+pub mod preview;
