@@ -291,8 +291,9 @@ fn with_progress<T>(opts: &RunOptions, f: impl FnOnce() -> T) -> T {
 }
 
 fn run(plan: &Plan, common: &Common, out: Option<PathBuf>) -> Result<(), Failure> {
-    let opts = options(plan, common);
+    let mut opts = options(plan, common);
     let dir = out.unwrap_or_else(|| PathBuf::from("runs").join(&plan.spec.name).join(crate::timestamp()));
+    opts.run_dir = Some(dir.clone());
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
     let resolved = plan.spec.doc.value.to_json();

@@ -1,5 +1,7 @@
 //! Runs a validated plan: builds its stages and runs each chain.
 
+use std::path::Path;
+
 use crate::error::{RunError, StageError};
 use crate::graph::{Chain, Plan};
 use crate::runtime::{run_chain, ChainStages, RunOptions, RunReport, StageInfo};
@@ -29,9 +31,9 @@ fn info(plan: &Plan, i: usize) -> StageInfo {
     StageInfo { id: s.id.clone(), kind: s.kind.clone(), workers: s.workers, capacity: s.capacity }
 }
 
-fn build(plan: &Plan, i: usize) -> Result<Stage, RunError> {
+fn build(plan: &Plan, i: usize, run_dir: Option<&Path>) -> Result<Stage, RunError> {
     let s = &plan.stages[i];
-    s.config.build(&s.context(plan)).map_err(|e| RunError::Stage {
+    s.config.build(&s.context(plan, run_dir)).map_err(|e| RunError::Stage {
         stage: s.id.clone(),
         kind: s.kind.clone(),
         message: e.to_string(),
@@ -44,25 +46,32 @@ fn wrong_role(plan: &Plan, i: usize, want: &str) -> RunError {
 }
 
 /// Builds the stages of one chain.
-pub fn build_chain(plan: &Plan, chain: &Chain, mode: Mode) -> Result<ChainStages, RunError> {
-    let Stage::Source(source) = build(plan, chain.source)? else {
+pub fn build_chain(
+    plan: &Plan,
+    chain: &Chain,
+    mode: Mode,
+    run_dir: Option<&Path>,
+) -> Result<ChainStages, RunError> {
+    let Stage::Source(source) = build(plan, chain.source, run_dir)? else {
         return Err(wrong_role(plan, chain.source, "source"));
     };
     let mut maps = Vec::new();
     for &m in &chain.maps {
-        let Stage::Map(stage) = build(plan, m)? else { return Err(wrong_role(plan, m, "map")) };
+        let Stage::Map(stage) = build(plan, m, run_dir)? else { return Err(wrong_role(plan, m, "map")) };
         maps.push((info(plan, m), stage));
     }
     let batch = match chain.batch {
         Some(b) => {
-            let Stage::Batch(batcher) = build(plan, b)? else { return Err(wrong_role(plan, b, "batcher")) };
+            let Stage::Batch(batcher) = build(plan, b, run_dir)? else {
+                return Err(wrong_role(plan, b, "batcher"));
+            };
             Some((info(plan, b), batcher))
         }
         None => None,
     };
     let sink: (StageInfo, Box<dyn Sink>) = match (chain.sink, mode) {
         (Some(k), Mode::Full) => {
-            let Stage::Sink(sink) = build(plan, k)? else { return Err(wrong_role(plan, k, "sink")) };
+            let Stage::Sink(sink) = build(plan, k, run_dir)? else { return Err(wrong_role(plan, k, "sink")) };
             (info(plan, k), sink)
         }
         _ => (
@@ -77,7 +86,7 @@ pub fn build_chain(plan: &Plan, chain: &Chain, mode: Mode) -> Result<ChainStages
 pub fn run_plan(plan: &Plan, opts: &RunOptions, mode: Mode) -> Result<Vec<(Chain, RunReport)>, RunError> {
     let mut out = Vec::new();
     for chain in plan.chains() {
-        let stages = build_chain(plan, &chain, mode)?;
+        let stages = build_chain(plan, &chain, mode, opts.run_dir.as_deref())?;
         let report = run_chain(stages, opts)?;
         out.push((chain, report));
     }

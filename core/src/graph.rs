@@ -30,8 +30,13 @@ pub struct PlannedStage {
 }
 
 impl PlannedStage {
-    pub fn context(&self, plan: &Plan) -> Context {
-        Context { base_dir: plan.base_dir(), seed: plan.spec.seed, stage_id: self.id.clone() }
+    pub fn context(&self, plan: &Plan, run_dir: Option<&Path>) -> Context {
+        Context {
+            base_dir: plan.base_dir(),
+            seed: plan.spec.seed,
+            stage_id: self.id.clone(),
+            run_dir: run_dir.map(Path::to_path_buf),
+        }
     }
 }
 
@@ -191,8 +196,12 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
         };
         match factory.parse(s.config.value.to_json()) {
             Ok(c) => {
-                let cx =
-                    Context { base_dir: base_dir.clone(), seed: spec.seed, stage_id: s.id.value.clone() };
+                let cx = Context {
+                    base_dir: base_dir.clone(),
+                    seed: spec.seed,
+                    stage_id: s.id.value.clone(),
+                    run_dir: None,
+                };
                 let mut problems = Vec::new();
                 c.check(&cx, &mut problems);
                 for p in problems {

@@ -69,6 +69,8 @@ pub struct RunOptions {
     pub progress: Arc<AtomicU64>,
     /// Samples the run will deliver (added to when a chain starts), for progress bars.
     pub progress_total: Arc<AtomicU64>,
+    /// The run directory stages write into (metrics, checkpoints).
+    pub run_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for RunOptions {
@@ -84,6 +86,7 @@ impl Default for RunOptions {
             interrupt: Arc::new(AtomicBool::new(false)),
             progress: Arc::new(AtomicU64::new(0)),
             progress_total: Arc::new(AtomicU64::new(0)),
+            run_dir: None,
         }
     }
 }

@@ -182,12 +182,14 @@ impl Problem {
 }
 
 /// What a stage may look at while being checked or built.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Context {
     /// The folder of the pipeline file: relative paths are resolved from it.
     pub base_dir: PathBuf,
     pub seed: u64,
     pub stage_id: String,
+    /// Where the run writes its files (metrics, checkpoints); `None` while validating.
+    pub run_dir: Option<PathBuf>,
 }
 
 impl Context {

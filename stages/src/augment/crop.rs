@@ -378,7 +378,7 @@ mod tests {
 
     #[test]
     fn check_reports_bad_ranges() {
-        let cx = Context { base_dir: ".".into(), seed: 0, stage_id: "crop".into() };
+        let cx = Context { base_dir: ".".into(), seed: 0, stage_id: "crop".into(), run_dir: None };
         let s: RandomResizedCrop = serde_json::from_value(
             serde_json::json!({"size": 0, "scale": [0.5, 0.2], "ratio": [0.0, 1.0], "attempts": 0, "views": []}),
         )
