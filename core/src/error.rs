@@ -71,7 +71,7 @@ impl Diagnostics {
         if self.0.is_empty() {
             Ok(value)
         } else {
-            self.0.sort_by(|a, b| a.pos.cmp(&b.pos));
+            self.0.sort_by_key(|d| d.pos);
             Err(self)
         }
     }

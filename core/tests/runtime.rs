@@ -58,8 +58,11 @@ impl MapStage for Slow {
     }
 }
 
+/// (index, epoch, label) of each sample the sink saw, in order.
+type Seen = Vec<(u64, u32, Option<u32>)>;
+
 #[derive(Clone, Default)]
-struct Collect(Arc<Mutex<Vec<(u64, u32, Option<u32>)>>>);
+struct Collect(Arc<Mutex<Seen>>);
 
 impl Sink for Collect {
     fn consume(&mut self, s: Sample) -> Result<(), StageError> {

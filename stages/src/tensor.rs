@@ -199,7 +199,8 @@ mod tests {
         let img = Image { width: 2, height: 1, data: vec![255, 0, 51, 0, 255, 102] };
         let t = image_to_chw(&img, [0.0; 3], [1.0; 3]);
         assert_eq!(t.shape, vec![3, 1, 2]);
-        assert_eq!(t.data, vec![1.0, 0.0, 0.0, 1.0, 0.2, 0.4]);
+        let want = [255.0, 0.0, 0.0, 255.0, 51.0, 102.0].map(|x: f32| x / 255.0);
+        assert!(t.data.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{:?}", t.data);
         let t = image_to_chw(&img, [0.5; 3], [0.5; 3]);
         assert!((t.data[0] - 1.0).abs() < 1e-6 && (t.data[1] + 1.0).abs() < 1e-6);
     }

@@ -52,9 +52,6 @@ fn default_ratio() -> [f32; 2] {
 fn default_attempts() -> u32 {
     100
 }
-fn yes() -> bool {
-    true
-}
 
 /// `random_resized_crop`: crop a random box, resize it to `size` x `size`.
 #[derive(Clone, Debug, Deserialize)]
@@ -80,10 +77,10 @@ pub struct RandomResizedCrop {
     /// `bicubic` (default: paper and code), `bilinear` or `area`.
     #[serde(default)]
     pub interpolation: Interpolation,
-    /// Widen the filter when shrinking so every source pixel counts (PIL and torchvision).
-    /// Default true. The official code's `tf.image.resize` does not antialias: `false` gives that
-    /// (a fixed-size filter, which aliases when shrinking a lot).
-    #[serde(default = "yes")]
+    /// Widen the filter when shrinking so every source pixel counts (PIL and torchvision do).
+    /// Default false, as the official code (`tf.image.resize_bicubic`: a fixed-size filter,
+    /// which aliases when shrinking a lot); `true` gives torchvision's behaviour.
+    #[serde(default)]
     pub antialias: bool,
     /// Views to crop (default: all). A view left out keeps its size.
     #[serde(default)]

@@ -55,8 +55,11 @@ fn sorted_entries(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(v)
 }
 
+/// The files of a folder with their labels, and the class names.
+pub type Listing = (Vec<(PathBuf, Option<u32>)>, Vec<String>);
+
 /// Lists (file, label) pairs: class folders if there are any, else the flat files.
-pub fn scan(root: &Path) -> std::io::Result<(Vec<(PathBuf, Option<u32>)>, Vec<String>)> {
+pub fn scan(root: &Path) -> std::io::Result<Listing> {
     let entries = sorted_entries(root)?;
     let classes: Vec<&PathBuf> = entries.iter().filter(|p| p.is_dir()).collect();
     let mut files = Vec::new();

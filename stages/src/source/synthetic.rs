@@ -222,11 +222,11 @@ mod tests {
 
     #[test]
     fn every_shape_has_pixels_inside_and_outside() {
-        for shape in 0..SHAPES.len() {
+        for (shape, name) in SHAPES.iter().enumerate() {
             let inside = (0..64 * 64)
                 .filter(|i| distance(shape, (i % 64) as f32 / 32.0 - 1.0, (i / 64) as f32 / 32.0 - 1.0) < 0.0)
                 .count();
-            assert!(inside > 200 && inside < 64 * 64 - 200, "{}: {inside}", SHAPES[shape]);
+            assert!(inside > 200 && inside < 64 * 64 - 200, "{name}: {inside}");
         }
     }
 
