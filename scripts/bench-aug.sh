@@ -6,7 +6,8 @@
 #
 # DATA is the folder made by ../shared/bench/anchors/make_images.py (default
 # ~/.cache/simclr-anchor-data); the anchor venv is ~/.cache/simclr-anchor-venv (see
-# ../shared/bench/README.md). Writes bench-out/aug-*.json and prints a table.
+# ../shared/bench/README.md). SIMCLR_BIN picks a prebuilt binary. Writes bench-out/aug-*.json
+# and prints a table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-$HOME/.cache/simclr-anchor-data}
@@ -15,12 +16,16 @@ PY=${SIMCLR_ANCHOR_PY:-$HOME/.cache/simclr-anchor-venv/bin/python}
 ANCHORS=${SIMCLR_ANCHORS:-../shared/bench/anchors}
 OUT=bench-out
 mkdir -p "$OUT"
-cargo build --release --quiet
-BIN=target/release/simclr
+if [ -z "${SIMCLR_BIN:-}" ]; then
+  cargo build --release --quiet
+fi
+BIN=${SIMCLR_BIN:-target/release/simclr}
 CASES=imagenet_tv_1thread,imagenet_tvsep_1thread,imagenet_alb_1thread,imagenet_alb_loader2w,cifar_tv_1thread,cifar_alb_1thread,cifar_alb_loader2w
 for r in $(seq 1 "$ROUNDS"); do
   echo "round $r: python anchors" >&2
-  "$PY" "$ANCHORS/aug_bench.py" --data "$DATA" --cases "$CASES" --repeats 1 --max-wait 120 \
+  # SIMCLR_PY_ARGS="--max-wait 0 --max-attempts 1" measures at once on a busy machine.
+  # shellcheck disable=SC2086
+  "$PY" "$ANCHORS/aug_bench.py" --data "$DATA" --cases "$CASES" --repeats 1 ${SIMCLR_PY_ARGS:---max-wait 120} \
     --json-out "$OUT/aug-py-$r.json" > /dev/null
   echo "round $r: simclr" >&2
   for t in 1 2; do
