@@ -85,6 +85,10 @@ enum Command {
         /// Add a hash of every output in dataset order (to check determinism).
         #[arg(long)]
         digest: bool,
+        /// With a training stage: also time this many real training steps (fed by the
+        /// pipeline) and report `train` (median step time, images/s, data-wait share).
+        #[arg(long, default_value_t = 10)]
+        train_steps: u64,
     },
     /// Write a grid of source images and their augmented views (PNG).
     Preview {
@@ -114,7 +118,7 @@ enum GraphFormat {
 }
 
 /// Why the command failed, mapped to an exit code.
-enum Failure {
+pub(crate) enum Failure {
     Invalid(String),
     Runtime(String),
     Interrupted,
@@ -176,13 +180,20 @@ pub fn main() -> i32 {
     }
 }
 
+/// Every built-in stage kind: data and augmentation stages, then training.
+fn registry() -> simclr_core::Registry {
+    let mut r = simclr_stages::registry();
+    simclr_train::register(&mut r);
+    r
+}
+
 fn load(file: &Path, set: &[String], seed: Option<u64>) -> Result<Plan, Failure> {
     let mut set = set.to_vec();
     if let Some(s) = seed {
         set.push(format!("seed={s}"));
     }
     let spec = simclr_core::spec::load(file, &set)?;
-    let registry = simclr_stages::registry();
+    let registry = registry();
     Ok(simclr_core::validate(spec, &registry)?)
 }
 
@@ -192,7 +203,7 @@ fn load_str(name: &Path, src: &str, set: &[String], seed: Option<u64>) -> Result
         set.push(format!("seed={s}"));
     }
     let spec = simclr_core::spec::parse(name, src, &set)?;
-    Ok(simclr_core::validate(spec, &simclr_stages::registry())?)
+    Ok(simclr_core::validate(spec, &registry())?)
 }
 
 fn dispatch(command: Command) -> Result<(), Failure> {
@@ -221,9 +232,10 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             let plan = load_str(Path::new("pipelines/demo.yaml"), DEMO, &common.set, common.seed)?;
             run(&plan, &common, out)
         }
-        Command::Bench { file, common, samples, json, digest } => {
+        Command::Bench { file, common, samples, json, digest, train_steps } => {
             let plan = load(&file, &common.set, common.seed)?;
-            bench(&plan, &common, samples, json, digest)
+            let train = crate::train_bench::measure(&plan, &options(&plan, &common), train_steps)?;
+            bench(&plan, &common, samples, json, digest, train)
         }
         Command::Preview { file, n, out, cell, set, seed } => {
             let plan = load(&file, &set, seed)?;
@@ -234,7 +246,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Kinds => {
-            let registry = simclr_stages::registry();
+            let registry = registry();
             for f in registry.kinds() {
                 println!("{:<22} {:?}  {}", f.kind(), f.role(), f.about());
             }
@@ -243,16 +255,26 @@ fn dispatch(command: Command) -> Result<(), Failure> {
     }
 }
 
+/// The process's Ctrl-C flag; the handler is installed on first use.
+fn interrupt_flag() -> Arc<AtomicBool> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let f = flag.clone();
+        let _ = ctrlc::set_handler(move || {
+            if f.swap(true, Ordering::SeqCst) {
+                // Second Ctrl-C: the user wants out now.
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: finishing the current samples (Ctrl-C again to quit now)");
+        });
+        flag
+    })
+    .clone()
+}
+
 fn options(plan: &Plan, common: &Common) -> RunOptions {
-    let interrupt = Arc::new(AtomicBool::new(false));
-    let flag = interrupt.clone();
-    let _ = ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            // Second Ctrl-C: the user wants out now.
-            std::process::exit(130);
-        }
-        eprintln!("\ninterrupt: finishing the current samples (Ctrl-C again to quit now)");
-    });
+    let interrupt = interrupt_flag();
     RunOptions {
         seed: plan.spec.seed,
         threads: common.threads.unwrap_or_else(simclr_core::runtime::default_threads).max(1),
@@ -346,6 +368,7 @@ fn bench(
     samples: Option<u64>,
     json: bool,
     digest: bool,
+    train: Option<serde_json::Value>,
 ) -> Result<(), Failure> {
     let mut opts = options(plan, common);
     opts.max_samples = samples;
@@ -385,11 +408,23 @@ fn bench(
         if let Some(d) = &r.digest {
             v["digest"] = serde_json::Value::String(d.clone());
         }
+        if let Some(t) = &train {
+            v["train"] = t.clone();
+        }
         println!("{v}");
     } else {
         print_report(&r);
         if let Some(d) = &r.digest {
             println!("digest: {d}");
+        }
+        if let Some(t) = &train {
+            println!(
+                "train: {:.3} s/step (median of {}), {:.1} images/s, data wait {:.1}% of step time",
+                t["step_s_median"].as_f64().unwrap_or(0.0),
+                t["steps"],
+                t["images_per_s"].as_f64().unwrap_or(0.0),
+                100.0 * t["data_wait_frac"].as_f64().unwrap_or(0.0)
+            );
         }
     }
     Ok(())
