@@ -1,0 +1,483 @@
+//! The `simclr_train` config: every field, its default, and the semantic checks.
+
+use serde::Deserialize;
+use simclr_core::Problem;
+
+/// ResNet depth.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Backbone {
+    /// BasicBlock [2, 2, 2, 2]; h is 512 x width.
+    #[default]
+    Resnet18,
+    /// BasicBlock [3, 4, 6, 3]; h is 512 x width.
+    Resnet34,
+    /// Bottleneck [3, 4, 6, 3]; h is 2048 x width.
+    Resnet50,
+}
+
+impl Backbone {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backbone::Resnet18 => "resnet18",
+            Backbone::Resnet34 => "resnet34",
+            Backbone::Resnet50 => "resnet50",
+        }
+    }
+}
+
+/// The first layers of the encoder.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Stem {
+    /// 3x3 conv, stride 1, no max-pool (32x32 inputs).
+    #[default]
+    Cifar,
+    /// 7x7 conv, stride 2, then 3x3 max-pool stride 2.
+    Imagenet,
+}
+
+/// Projection head g.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadKind {
+    /// z = h.
+    None,
+    /// One dense layer to `out_dim`.
+    Linear,
+    /// `layers` dense layers, ReLU between them (the paper's head).
+    #[default]
+    Nonlinear,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HeadConfig {
+    /// `none | linear | nonlinear` (default nonlinear).
+    #[serde(default)]
+    pub kind: HeadKind,
+    /// Dense layers of a nonlinear head (default 2; SimCLRv2 uses 3).
+    #[serde(default = "two")]
+    pub layers: usize,
+    /// Width of the hidden layers (default: the representation's size).
+    #[serde(default)]
+    pub hidden_dim: Option<usize>,
+    /// Size of z (default 128).
+    #[serde(default = "out_dim")]
+    pub out_dim: usize,
+    /// BatchNorm after each dense layer, dense layers without bias (default true, as the official code).
+    #[serde(default = "yes")]
+    pub bn: bool,
+}
+
+impl Default for HeadConfig {
+    fn default() -> Self {
+        Self { kind: HeadKind::default(), layers: 2, hidden_dim: None, out_dim: 128, bn: true }
+    }
+}
+
+/// Contrastive objective (the paper's Table 4).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    #[default]
+    NtXent,
+    NtLogistic,
+    MarginTriplet,
+}
+
+/// How NT-Xent is reduced over the 2N anchors.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Reduction {
+    /// Mean over the 2N anchors (the paper; near ln(2N-1) at initialization).
+    Paper,
+    /// Sum of the two directions' mean cross-entropies, i.e. 2x `paper` (the official code).
+    #[default]
+    Code,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LossConfig {
+    /// `nt_xent | nt_logistic | margin_triplet` (default nt_xent).
+    #[serde(default)]
+    pub kind: LossKind,
+    /// Temperature t (default 0.5, the CIFAR value; ImageNet uses 0.1).
+    #[serde(default = "half")]
+    pub temperature: f64,
+    /// L2-normalize z before the similarities (default true).
+    #[serde(default = "yes")]
+    pub l2_normalize: bool,
+    /// NT-Xent only: `paper | code` (default code).
+    #[serde(default)]
+    pub reduction: Reduction,
+    /// margin_triplet only: the margin m (default 0.5).
+    #[serde(default = "half")]
+    pub margin: f64,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self {
+            kind: LossKind::default(),
+            temperature: 0.5,
+            l2_normalize: true,
+            reduction: Reduction::default(),
+            margin: 0.5,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    #[default]
+    Lars,
+    Sgd,
+    Adamw,
+}
+
+/// How the base learning rate follows the batch size B (pairs per batch).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScaling {
+    /// lr x B / 256.
+    #[default]
+    Linear,
+    /// lr x sqrt(B).
+    Sqrt,
+    /// lr as given.
+    None,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerConfig {
+    /// `lars | sgd | adamw` (default lars).
+    #[serde(default)]
+    pub kind: OptimizerKind,
+    /// Base learning rate before `lr_scaling` (default 0.3).
+    #[serde(default = "lr")]
+    pub lr: f64,
+    /// `linear | sqrt | none` (default linear: lr x B/256).
+    #[serde(default)]
+    pub lr_scaling: LrScaling,
+    /// Momentum of lars and sgd (default 0.9).
+    #[serde(default = "momentum")]
+    pub momentum: f64,
+    /// Weight decay (default 1e-6; lars and sgd add it to the gradient, adamw decouples it).
+    #[serde(default = "weight_decay")]
+    pub weight_decay: f64,
+    /// LARS trust coefficient (default 0.001).
+    #[serde(default = "eta")]
+    pub eta: f64,
+    /// Nesterov momentum for lars and sgd (default false).
+    #[serde(default)]
+    pub nesterov: bool,
+    /// Keep biases and BatchNorm parameters out of weight decay and the LARS trust ratio
+    /// (default true, as the official code).
+    #[serde(default = "yes")]
+    pub exclude_bias_and_bn: bool,
+    /// adamw's (beta1, beta2) (default [0.9, 0.999]).
+    #[serde(default = "betas")]
+    pub betas: [f64; 2],
+    /// adamw's epsilon (default 1e-8).
+    #[serde(default = "adam_eps")]
+    pub eps: f64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({})).expect("defaults deserialize")
+    }
+}
+
+/// `simclr_train`: trains encoder + head on batches of view pairs (a sink; its encoder is an artifact).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SimclrTrain {
+    /// `resnet18 | resnet34 | resnet50` (default resnet18).
+    #[serde(default)]
+    pub backbone: Backbone,
+    /// `cifar | imagenet` (default cifar).
+    #[serde(default)]
+    pub stem: Stem,
+    /// Channel multiplier: 64 x width channels in the first stage, at least 1 (default 1.0).
+    #[serde(default = "one_f")]
+    pub width: f64,
+    #[serde(default)]
+    pub head: HeadConfig,
+    #[serde(default)]
+    pub loss: LossConfig,
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
+    /// Passes over the data (default 100).
+    #[serde(default = "epochs")]
+    pub epochs: u32,
+    /// Linear warmup length in epochs, clamped to `epochs` (default 10).
+    #[serde(default = "warmup")]
+    pub warmup_epochs: f64,
+    /// Batches per epoch, normally counted during the first epoch. Giving it makes the
+    /// first epoch's warmup exact (default: counted).
+    #[serde(default)]
+    pub steps_per_epoch: Option<u64>,
+    /// `cpu | cuda | cuda:N` (default cpu).
+    #[serde(default = "cpu")]
+    pub device: String,
+    /// Write one metrics line every this many steps (epoch lines always; default 1).
+    #[serde(default = "one_u")]
+    pub log_every: u64,
+}
+
+impl Default for SimclrTrain {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({})).expect("defaults deserialize")
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn two() -> usize {
+    2
+}
+fn out_dim() -> usize {
+    128
+}
+fn half() -> f64 {
+    0.5
+}
+fn lr() -> f64 {
+    0.3
+}
+fn momentum() -> f64 {
+    0.9
+}
+fn weight_decay() -> f64 {
+    1e-6
+}
+fn eta() -> f64 {
+    0.001
+}
+fn betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn adam_eps() -> f64 {
+    1e-8
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn one_u() -> u64 {
+    1
+}
+fn epochs() -> u32 {
+    100
+}
+fn warmup() -> f64 {
+    10.0
+}
+fn cpu() -> String {
+    "cpu".to_string()
+}
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Ok(DeviceSpec::Cuda(i)),
+                _ => Err(format!("unknown device `{s}`")),
+            },
+        }
+    }
+}
+
+/// Whether this build has the CUDA backend.
+pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
+
+/// The message for `device: cuda` in a build without it.
+pub fn no_cuda_message() -> String {
+    "this build of simclr has no CUDA backend: rebuild with the `cuda` feature of simclr-train \
+     (e.g. `cargo build --release --features simclr-train/cuda`), or use `device: cpu`"
+        .to_string()
+}
+
+impl SimclrTrain {
+    /// Channels of the first stage: 64 x width, at least 1.
+    pub fn scaled(&self, channels: usize) -> usize {
+        ((channels as f64 * self.width).round() as usize).max(1)
+    }
+
+    /// Warmup epochs as used: clamped to [0, epochs].
+    pub fn warmup_epochs_clamped(&self) -> f64 {
+        self.warmup_epochs.clamp(0.0, f64::from(self.epochs))
+    }
+
+    /// Every semantic problem of the config.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        if !(self.width.is_finite() && self.width > 0.0 && self.width <= 16.0) {
+            out.push(Problem::new(
+                "width",
+                "`width` must be in (0, 16]",
+                "e.g. `width: 1.0` (0.25 for a tiny demo net)",
+            ));
+        }
+        if self.epochs == 0 {
+            out.push(Problem::new("epochs", "`epochs` must be at least 1", "e.g. `epochs: 100`"));
+        }
+        if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0) {
+            out.push(Problem::new(
+                "warmup_epochs",
+                "`warmup_epochs` must be zero or positive",
+                "e.g. `warmup_epochs: 10`",
+            ));
+        }
+        if self.steps_per_epoch == Some(0) {
+            out.push(Problem::new(
+                "steps_per_epoch",
+                "`steps_per_epoch` must be positive",
+                "leave it out to count batches during the first epoch",
+            ));
+        }
+        if self.log_every == 0 {
+            out.push(Problem::new("log_every", "`log_every` must be at least 1", "e.g. `log_every: 10`"));
+        }
+        match DeviceSpec::parse(&self.device) {
+            Err(e) => out.push(Problem::new("device", e, "use `cpu`, `cuda` or `cuda:N`")),
+            Ok(DeviceSpec::Cuda(_)) if !CUDA_BUILT => {
+                out.push(Problem::new("device", no_cuda_message(), "or set `device: cpu`"))
+            }
+            Ok(_) => {}
+        }
+        let h = &self.head;
+        if h.kind == HeadKind::Nonlinear && h.layers < 2 {
+            out.push(Problem::new(
+                "head.layers",
+                "a nonlinear head has at least 2 dense layers",
+                "use `layers: 2` (or `kind: linear` for one layer)",
+            ));
+        }
+        if h.out_dim == 0 {
+            out.push(Problem::new("head.out_dim", "`out_dim` must be positive", "e.g. `out_dim: 128`"));
+        }
+        if h.hidden_dim == Some(0) {
+            out.push(Problem::new(
+                "head.hidden_dim",
+                "`hidden_dim` must be positive",
+                "leave it out to use the representation's size",
+            ));
+        }
+        let l = &self.loss;
+        if !(l.temperature.is_finite() && l.temperature > 0.0) {
+            out.push(Problem::new(
+                "loss.temperature",
+                "`temperature` must be positive",
+                "e.g. `temperature: 0.5`",
+            ));
+        }
+        if !(l.margin.is_finite() && l.margin >= 0.0) {
+            out.push(Problem::new("loss.margin", "`margin` must be zero or positive", "e.g. `margin: 0.5`"));
+        }
+        let o = &self.optimizer;
+        let fix = "e.g. `optimizer: {kind: lars, lr: 0.3}`";
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            out.push(Problem::new("optimizer.lr", "`lr` must be positive", fix));
+        }
+        if !(o.momentum.is_finite() && (0.0..1.0).contains(&o.momentum)) {
+            out.push(Problem::new(
+                "optimizer.momentum",
+                "`momentum` must be in [0, 1)",
+                "e.g. `momentum: 0.9`",
+            ));
+        }
+        if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+            out.push(Problem::new(
+                "optimizer.weight_decay",
+                "`weight_decay` must be zero or positive",
+                "e.g. `weight_decay: 1e-6`",
+            ));
+        }
+        if !(o.eta.is_finite() && o.eta > 0.0) {
+            out.push(Problem::new("optimizer.eta", "`eta` must be positive", "e.g. `eta: 0.001`"));
+        }
+        if o.betas.iter().any(|b| !(b.is_finite() && (0.0..1.0).contains(b))) {
+            out.push(Problem::new(
+                "optimizer.betas",
+                "`betas` must be in [0, 1)",
+                "e.g. `betas: [0.9, 0.999]`",
+            ));
+        }
+        if !(o.eps.is_finite() && o.eps > 0.0) {
+            out.push(Problem::new("optimizer.eps", "`eps` must be positive", "e.g. `eps: 1e-8`"));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_unknown_fields() {
+        let c = SimclrTrain::default();
+        assert_eq!(c.backbone, Backbone::Resnet18);
+        assert_eq!(c.optimizer.kind, OptimizerKind::Lars);
+        assert_eq!(c.optimizer.lr, 0.3);
+        assert_eq!(c.loss.temperature, 0.5);
+        assert_eq!(c.head.out_dim, 128);
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        let bad = serde_json::from_value::<SimclrTrain>(serde_json::json!({"optimiser": {}}));
+        assert!(bad.is_err());
+        let bad = serde_json::from_value::<SimclrTrain>(serde_json::json!({"head": {"widht": 3}}));
+        assert!(bad.is_err());
+    }
+
+    #[test]
+    fn devices_parse_and_cuda_needs_the_feature() {
+        assert_eq!(DeviceSpec::parse("cpu"), Ok(DeviceSpec::Cpu));
+        assert_eq!(DeviceSpec::parse("cuda"), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!(DeviceSpec::parse("cuda:3"), Ok(DeviceSpec::Cuda(3)));
+        assert!(DeviceSpec::parse("tpu").is_err());
+        let c: SimclrTrain = serde_json::from_value(serde_json::json!({"device": "cuda:1"})).unwrap();
+        assert_eq!(c.problems().iter().any(|p| p.message.contains("no CUDA backend")), !CUDA_BUILT);
+    }
+
+    #[test]
+    fn bad_values_are_reported() {
+        let c: SimclrTrain = serde_json::from_value(serde_json::json!({
+            "width": 0.0, "epochs": 0, "loss": {"temperature": 0.0},
+            "optimizer": {"lr": -1.0}, "head": {"layers": 1}
+        }))
+        .unwrap();
+        let fields: Vec<String> = c
+            .problems()
+            .iter()
+            .map(|p| {
+                p.field
+                    .iter()
+                    .map(|s| match s {
+                        simclr_core::yaml::PathSeg::Key(k) => k.clone(),
+                        simclr_core::yaml::PathSeg::Index(i) => i.to_string(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(".")
+            })
+            .collect();
+        for f in ["width", "epochs", "loss.temperature", "optimizer.lr", "head.layers"] {
+            assert!(fields.iter().any(|x| x == f), "{f} not reported in {fields:?}");
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! The encoder f (ResNet-18/34/50, CIFAR or ImageNet stem, width multiplier) and the projection
+//! head g, generic over burn's `Backend`.
+//!
+//! Field names follow torchvision (`conv1`, `bn1`, `layer1.0.conv1`, `downsample.0/1`, BatchNorm
+//! `weight`/`bias`/`running_mean`/`running_var`), so a module path is the checkpoint name.
+//! Weights are initialized from our own seeded generator (torchvision's scheme), never from the
+//! backend's global RNG: the same seed gives the same network on every backend.
+
+use burn::module::{Module, Param, RunningState};
+use burn::tensor::activation::relu;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::{conv2d, max_pool2d};
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::config::{Backbone, HeadConfig, HeadKind, SimclrTrain, Stem};
+
+/// BatchNorm momentum of the running statistics (PyTorch's 0.1 = TF's decay 0.9) and epsilon.
+pub const BN_MOMENTUM: f64 = 0.1;
+pub const BN_EPS: f64 = 1e-5;
+
+/// The seeded source of initial weights.
+pub struct Init {
+    rng: ChaCha8Rng,
+}
+
+impl Init {
+    pub fn new(seed: u64) -> Self {
+        Self { rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_1417_7A17_0001) }
+    }
+
+    fn normal(&mut self, n: usize, std: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let x: f64 = StandardNormal.sample(&mut self.rng);
+                (x * std) as f32
+            })
+            .collect()
+    }
+
+    fn uniform(&mut self, n: usize, bound: f64) -> Vec<f32> {
+        (0..n).map(|_| self.rng.random_range(-bound..bound) as f32).collect()
+    }
+}
+
+fn param<B: Backend, const D: usize>(
+    data: Vec<f32>,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Param<Tensor<B, D>> {
+    Param::from_tensor(Tensor::from_data(TensorData::new(data, shape), device))
+}
+
+/// A convolution without bias (every ResNet conv is followed by BatchNorm).
+#[derive(Module, Debug)]
+pub struct Conv<B: Backend> {
+    pub weight: Param<Tensor<B, 4>>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl<B: Backend> Conv<B> {
+    /// Kaiming normal, fan-out, ReLU gain (torchvision's ResNet init).
+    pub fn new(
+        init: &mut Init,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        device: &B::Device,
+    ) -> Self {
+        let std = (2.0 / (cout * k * k) as f64).sqrt();
+        let weight = param(init.normal(cout * cin * k * k, std), [cout, cin, k, k], device);
+        Self { weight, stride, padding: k / 2 }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let (s, p) = (self.stride, self.padding);
+        conv2d(x, self.weight.val(), None, ConvOptions::new([s, s], [p, p], [1, 1], 1))
+    }
+}
+
+/// BatchNorm over dimension 1 of a 2-D or 4-D input. In training (an autodiff backend) it
+/// normalizes with the batch statistics and updates the running ones; otherwise it uses the
+/// running statistics. `bias` is absent where the official code has `center=False`.
+#[derive(Module, Debug)]
+pub struct BatchNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    pub running_mean: RunningState<Tensor<B, 1>>,
+    pub running_var: RunningState<Tensor<B, 1>>,
+}
+
+impl<B: Backend> BatchNorm<B> {
+    pub fn new(channels: usize, bias: bool, device: &B::Device) -> Self {
+        Self {
+            weight: param(vec![1.0; channels], [channels], device),
+            bias: bias.then(|| param(vec![0.0; channels], [channels], device)),
+            running_mean: RunningState::new(Tensor::zeros([channels], device)),
+            running_var: RunningState::new(Tensor::ones([channels], device)),
+        }
+    }
+
+    /// Mean over every dimension but 1, keeping them as size 1.
+    fn reduce_mean<const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+        (0..D).filter(|&d| d != 1).fold(x, |t, d| t.mean_dim(d))
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dims = x.dims();
+        let c = dims[1];
+        let mut shape = [1usize; D];
+        shape[1] = c;
+        if B::ad_enabled(&x.device()) {
+            let count = dims.iter().product::<usize>() / c;
+            let mean = Self::reduce_mean(x.clone());
+            let xc = x - mean.clone();
+            let var = Self::reduce_mean(xc.clone().square());
+            let unbiased = count as f64 / (count.max(2) - 1) as f64;
+            let rm = self.running_mean.value_sync();
+            let rv = self.running_var.value_sync();
+            let m = BN_MOMENTUM;
+            self.running_mean
+                .update(rm.mul_scalar(1.0 - m).add(mean.detach().reshape([c]).mul_scalar(m)).detach());
+            self.running_var.update(
+                rv.mul_scalar(1.0 - m)
+                    .add(var.clone().detach().reshape([c]).mul_scalar(m * unbiased))
+                    .detach(),
+            );
+            let scale = self.weight.val().reshape(shape) / var.add_scalar(BN_EPS).sqrt();
+            let y = xc * scale;
+            match &self.bias {
+                Some(b) => y + b.val().reshape(shape),
+                None => y,
+            }
+        } else {
+            let rm = self.running_mean.value_sync();
+            let rv = self.running_var.value_sync();
+            let scale = self.weight.val() / rv.add_scalar(BN_EPS).sqrt();
+            let mut shift = rm.neg() * scale.clone();
+            if let Some(b) = &self.bias {
+                shift = shift + b.val();
+            }
+            x * scale.reshape(shape) + shift.reshape(shape)
+        }
+    }
+}
+
+/// A residual block: BasicBlock (two 3x3 convs) or Bottleneck (1x1, 3x3 with the stride, 1x1 x4,
+/// torchvision's "ResNet v1.5").
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub conv1: Conv<B>,
+    pub bn1: BatchNorm<B>,
+    pub conv2: Conv<B>,
+    pub bn2: BatchNorm<B>,
+    pub conv3: Option<Conv<B>>,
+    pub bn3: Option<BatchNorm<B>>,
+    pub downsample: Option<(Conv<B>, BatchNorm<B>)>,
+}
+
+impl<B: Backend> Block<B> {
+    fn basic(init: &mut Init, cin: usize, planes: usize, stride: usize, device: &B::Device) -> Self {
+        let downsample = (stride != 1 || cin != planes)
+            .then(|| (Conv::new(init, cin, planes, 1, stride, device), BatchNorm::new(planes, true, device)));
+        Self {
+            conv1: Conv::new(init, cin, planes, 3, stride, device),
+            bn1: BatchNorm::new(planes, true, device),
+            conv2: Conv::new(init, planes, planes, 3, 1, device),
+            bn2: BatchNorm::new(planes, true, device),
+            conv3: None,
+            bn3: None,
+            downsample,
+        }
+    }
+
+    fn bottleneck(init: &mut Init, cin: usize, planes: usize, stride: usize, device: &B::Device) -> Self {
+        let out = planes * 4;
+        let downsample = (stride != 1 || cin != out)
+            .then(|| (Conv::new(init, cin, out, 1, stride, device), BatchNorm::new(out, true, device)));
+        Self {
+            conv1: Conv::new(init, cin, planes, 1, 1, device),
+            bn1: BatchNorm::new(planes, true, device),
+            conv2: Conv::new(init, planes, planes, 3, stride, device),
+            bn2: BatchNorm::new(planes, true, device),
+            conv3: Some(Conv::new(init, planes, out, 1, 1, device)),
+            bn3: Some(BatchNorm::new(out, true, device)),
+            downsample,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let identity = match &self.downsample {
+            Some((conv, bn)) => bn.forward(conv.forward(x.clone())),
+            None => x.clone(),
+        };
+        let out = relu(self.bn1.forward(self.conv1.forward(x)));
+        let mut out = self.bn2.forward(self.conv2.forward(out));
+        if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
+            out = bn3.forward(conv3.forward(relu(out)));
+        }
+        relu(out + identity)
+    }
+}
+
+/// The encoder f; `forward` returns h, the global average pool of the last stage.
+#[derive(Module, Debug)]
+pub struct ResNet<B: Backend> {
+    pub conv1: Conv<B>,
+    pub bn1: BatchNorm<B>,
+    pub layer1: Vec<Block<B>>,
+    pub layer2: Vec<Block<B>>,
+    pub layer3: Vec<Block<B>>,
+    pub layer4: Vec<Block<B>>,
+    pub maxpool: bool,
+    pub out_dim: usize,
+}
+
+impl<B: Backend> ResNet<B> {
+    pub fn new(cfg: &SimclrTrain, init: &mut Init, device: &B::Device) -> Self {
+        let (counts, bottleneck) = match cfg.backbone {
+            Backbone::Resnet18 => ([2, 2, 2, 2], false),
+            Backbone::Resnet34 => ([3, 4, 6, 3], false),
+            Backbone::Resnet50 => ([3, 4, 6, 3], true),
+        };
+        let stem = cfg.scaled(64);
+        let (conv1, maxpool) = match cfg.stem {
+            Stem::Cifar => (Conv::new(init, 3, stem, 3, 1, device), false),
+            Stem::Imagenet => (Conv::new(init, 3, stem, 7, 2, device), true),
+        };
+        let bn1 = BatchNorm::new(stem, true, device);
+        let mut cin = stem;
+        let mut layers: Vec<Vec<Block<B>>> = Vec::new();
+        for (i, &n) in counts.iter().enumerate() {
+            let planes = cfg.scaled(64 << i);
+            let mut blocks = Vec::new();
+            for b in 0..n {
+                let stride = if i > 0 && b == 0 { 2 } else { 1 };
+                let block = if bottleneck {
+                    Block::bottleneck(init, cin, planes, stride, device)
+                } else {
+                    Block::basic(init, cin, planes, stride, device)
+                };
+                cin = if bottleneck { planes * 4 } else { planes };
+                blocks.push(block);
+            }
+            layers.push(blocks);
+        }
+        let mut it = layers.into_iter();
+        let mut next = || it.next().unwrap_or_default();
+        Self {
+            conv1,
+            bn1,
+            layer1: next(),
+            layer2: next(),
+            layer3: next(),
+            layer4: next(),
+            maxpool,
+            out_dim: cin,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        let mut x = relu(self.bn1.forward(self.conv1.forward(x)));
+        if self.maxpool {
+            x = max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], false);
+        }
+        for block in self.layer1.iter().chain(&self.layer2).chain(&self.layer3).chain(&self.layer4) {
+            x = block.forward(x);
+        }
+        let [n, c, _, _] = x.dims();
+        x.mean_dim(3).mean_dim(2).reshape([n, c])
+    }
+}
+
+/// A dense layer, weight stored as PyTorch does ([out, in]).
+#[derive(Module, Debug)]
+pub struct Dense<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Dense<B> {
+    /// PyTorch's default: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
+    fn new(init: &mut Init, din: usize, dout: usize, bias: bool, device: &B::Device) -> Self {
+        let bound = 1.0 / (din as f64).sqrt();
+        let weight = param(init.uniform(dout * din, bound), [dout, din], device);
+        let bias = bias.then(|| param(init.uniform(dout, bound), [dout], device));
+        Self { weight, bias }
+    }
+
+    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let y = x.matmul(self.weight.val().transpose());
+        match &self.bias {
+            Some(b) => y + b.val().unsqueeze::<2>(),
+            None => y,
+        }
+    }
+}
+
+/// One layer of the head: dense, optional BatchNorm, optional ReLU.
+#[derive(Module, Debug)]
+pub struct HeadLayer<B: Backend> {
+    pub linear: Dense<B>,
+    pub bn: Option<BatchNorm<B>>,
+    pub relu: bool,
+}
+
+/// The projection head g (the official `projection_head`): middle layers are dense (no bias
+/// with BN) -> BN (with beta) -> ReLU; the last is dense -> BN without beta.
+#[derive(Module, Debug)]
+pub struct Head<B: Backend> {
+    pub layers: Vec<HeadLayer<B>>,
+}
+
+impl<B: Backend> Head<B> {
+    pub fn new(cfg: &HeadConfig, din: usize, init: &mut Init, device: &B::Device) -> Self {
+        let n = match cfg.kind {
+            HeadKind::None => 0,
+            HeadKind::Linear => 1,
+            HeadKind::Nonlinear => cfg.layers,
+        };
+        let hidden = cfg.hidden_dim.unwrap_or(din);
+        let mut layers = Vec::new();
+        let mut cin = din;
+        for j in 0..n {
+            let last = j + 1 == n;
+            let dout = if last { cfg.out_dim } else { hidden };
+            layers.push(HeadLayer {
+                linear: Dense::new(init, cin, dout, !cfg.bn, device),
+                bn: cfg.bn.then(|| BatchNorm::new(dout, !last, device)),
+                relu: !last,
+            });
+            cin = dout;
+        }
+        Self { layers }
+    }
+
+    pub fn forward(&self, mut x: Tensor<B, 2>) -> Tensor<B, 2> {
+        for l in &self.layers {
+            x = l.linear.forward(x);
+            if let Some(bn) = &l.bn {
+                x = bn.forward(x);
+            }
+            if l.relu {
+                x = relu(x);
+            }
+        }
+        x
+    }
+}
+
+/// Encoder and head.
+#[derive(Module, Debug)]
+pub struct SimclrModel<B: Backend> {
+    pub encoder: ResNet<B>,
+    pub head: Head<B>,
+}
+
+impl<B: Backend> SimclrModel<B> {
+    pub fn new(cfg: &SimclrTrain, seed: u64, device: &B::Device) -> Self {
+        let mut init = Init::new(seed);
+        let encoder = ResNet::new(cfg, &mut init, device);
+        let head = Head::new(&cfg.head, encoder.out_dim, &mut init, device);
+        Self { encoder, head }
+    }
+
+    /// (h, z) for a batch of images.
+    pub fn forward(&self, x: Tensor<B, 4>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let h = self.encoder.forward(x);
+        let z = self.head.forward(h.clone());
+        (h, z)
+    }
+}

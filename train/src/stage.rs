@@ -1,0 +1,235 @@
+//! The `simclr_train` stage: a sink that trains on each incoming batch of view pairs, logs
+//! `metrics.jsonl` and saves `encoder.safetensors` in the run directory.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use simclr_core::{Context, Payload, PortType, Problem, Role, Sample, Sink, Stage, StageConfig, StageError};
+
+use crate::config::SimclrTrain;
+use crate::export::write_safetensors;
+use crate::optim::{base_lr, first_epoch_lr, Schedule};
+use crate::trainer::{checkpoint_metadata, make_engine, Engine, StepError};
+
+impl StageConfig for SimclrTrain {
+    const KIND: &'static str = "simclr_train";
+    const ABOUT: &'static str =
+        "sink: trains a ResNet encoder + projection head with a contrastive loss (SimCLR)";
+    const ROLE: Role = Role::Sink;
+    fn ports(&self) -> (PortType, PortType) {
+        (PortType::Batch, PortType::Encoder)
+    }
+    fn check(&self, _cx: &Context, out: &mut Vec<Problem>) {
+        out.extend(self.problems());
+    }
+    fn build(&self, cx: &Context) -> Result<Stage, StageError> {
+        if let Some(p) = self.problems().into_iter().next() {
+            return Err(StageError::fatal(format!("{} ({})", p.message, p.fix)));
+        }
+        let engine = make_engine(self, cx.seed).map_err(StageError::fatal)?;
+        Ok(Stage::Sink(Box::new(TrainSink::new(self.clone(), engine, cx.run_dir.clone()))))
+    }
+}
+
+/// Running sums of one epoch, for its metrics line.
+#[derive(Default)]
+struct EpochSums {
+    steps: u64,
+    images: u64,
+    loss: f64,
+    acc: f64,
+    entropy: f64,
+    step_s: f64,
+    data_wait_s: f64,
+    lr: f64,
+    started: Option<Instant>,
+}
+
+/// The sink behind `simclr_train`.
+pub struct TrainSink {
+    cfg: SimclrTrain,
+    engine: Box<dyn Engine>,
+    run_dir: Option<PathBuf>,
+    metrics: Option<BufWriter<File>>,
+    /// Global step index (0-based) of the next step.
+    step: u64,
+    /// The epoch (as carried by the samples) being trained, and how many epochs have been seen.
+    epoch: Option<u32>,
+    epochs_seen: u32,
+    /// Batches per epoch: configured, or counted in the first epoch.
+    steps_per_epoch: Option<u64>,
+    base_lr: Option<f64>,
+    sums: EpochSums,
+    last_end: Option<Instant>,
+}
+
+impl TrainSink {
+    pub fn new(cfg: SimclrTrain, engine: Box<dyn Engine>, run_dir: Option<PathBuf>) -> Self {
+        let steps_per_epoch = cfg.steps_per_epoch;
+        Self {
+            cfg,
+            engine,
+            run_dir,
+            metrics: None,
+            step: 0,
+            epoch: None,
+            epochs_seen: 0,
+            steps_per_epoch,
+            base_lr: None,
+            sums: EpochSums::default(),
+            last_end: None,
+        }
+    }
+
+    /// The learning rate of the next step.
+    fn lr(&self, base: f64) -> f64 {
+        let warmup = self.cfg.warmup_epochs_clamped();
+        match self.steps_per_epoch {
+            Some(spe) => Schedule::new(base, warmup, self.cfg.epochs, spe).lr(self.step),
+            None => first_epoch_lr(base, warmup, self.step),
+        }
+    }
+
+    fn write_line(&mut self, line: serde_json::Value) -> Result<(), StageError> {
+        let Some(dir) = &self.run_dir else { return Ok(()) };
+        if self.metrics.is_none() {
+            let path = dir.join("metrics.jsonl");
+            let f = File::options()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| StageError::fatal(format!("cannot open {}: {e}", path.display())))?;
+            self.metrics = Some(BufWriter::new(f));
+        }
+        let w = self.metrics.as_mut().expect("just opened");
+        writeln!(w, "{line}")
+            .and_then(|_| w.flush())
+            .map_err(|e| StageError::fatal(format!("cannot write metrics.jsonl: {e}")))
+    }
+
+    /// Writes the epoch line of the epoch just finished.
+    fn end_epoch(&mut self) -> Result<(), StageError> {
+        let Some(epoch) = self.epoch else { return Ok(()) };
+        let s = std::mem::take(&mut self.sums);
+        if s.steps == 0 {
+            return Ok(());
+        }
+        let k = s.steps as f64;
+        let line = serde_json::json!({
+            "type": "epoch",
+            "epoch": epoch,
+            "step": self.step.saturating_sub(1),
+            "steps": s.steps,
+            "loss": s.loss / k,
+            "contrast_acc": s.acc / k,
+            "contrast_entropy": s.entropy / k,
+            "lr": s.lr,
+            "images_per_s": if s.step_s > 0.0 { s.images as f64 / s.step_s } else { 0.0 },
+            "data_wait_s": s.data_wait_s,
+            "step_s": s.step_s / k,
+            "epoch_s": s.started.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+        });
+        self.write_line(line)
+    }
+}
+
+impl Sink for TrainSink {
+    fn epochs(&self) -> u32 {
+        self.cfg.epochs
+    }
+
+    fn consume(&mut self, sample: Sample) -> Result<(), StageError> {
+        let start = Instant::now();
+        let data_wait_s = self.last_end.map_or(0.0, |t| start.duration_since(t).as_secs_f64());
+        let Payload::Batch(batch) = &sample.payload else {
+            return Err(StageError::fatal("`simclr_train` needs batches; put a `batch` stage before it"));
+        };
+        if batch.views.len() != 2 {
+            return Err(StageError::fatal(format!(
+                "`simclr_train` needs 2 views per image, got {}; use `views` with `count: 2`",
+                batch.views.len()
+            )));
+        }
+        let (v1, v2) = (&batch.views[0], &batch.views[1]);
+        let shape: [usize; 4] = match v1.shape[..] {
+            [n, 3, h, w] if v2.shape == v1.shape && n > 0 => [n, 3, h, w],
+            _ => {
+                return Err(StageError::fatal(format!(
+                    "views must be two N x 3 x H x W tensors of one shape, got {:?} and {:?}",
+                    v1.shape, v2.shape
+                )))
+            }
+        };
+        let n = shape[0];
+
+        // Epoch bookkeeping: the first epoch's batches give steps_per_epoch.
+        if self.epoch != Some(sample.epoch) {
+            if self.epoch.is_some() {
+                self.end_epoch()?;
+                if self.steps_per_epoch.is_none() {
+                    self.steps_per_epoch = Some(self.step.max(1));
+                }
+            }
+            self.epoch = Some(sample.epoch);
+            self.epochs_seen += 1;
+            self.sums.started = Some(start);
+        }
+        let base = *self.base_lr.get_or_insert_with(|| base_lr(&self.cfg.optimizer, n));
+        let lr = self.lr(base);
+
+        let stats = match self.engine.step(&v1.data, &v2.data, shape, lr) {
+            Ok(s) => s,
+            Err(StepError::NonFinite(loss)) => {
+                return Err(StageError::fatal(format!(
+                "loss is {loss} at step {} (epoch {}, lr {lr:.4}): training diverged; lower `optimizer.lr` \
+                     (now {} before scaling) or lengthen `warmup_epochs`",
+                self.step, sample.epoch, self.cfg.optimizer.lr
+            )))
+            }
+            Err(StepError::Other(msg)) => return Err(StageError::fatal(msg)),
+        };
+        let step_s = start.elapsed().as_secs_f64();
+        let images = 2 * n as u64;
+        let s = &mut self.sums;
+        s.steps += 1;
+        s.images += images;
+        s.loss += stats.loss;
+        s.acc += stats.contrast_acc;
+        s.entropy += stats.contrast_entropy;
+        s.step_s += step_s;
+        s.data_wait_s += data_wait_s;
+        s.lr = lr;
+        if self.step.is_multiple_of(self.cfg.log_every) {
+            let line = serde_json::json!({
+                "type": "step",
+                "step": self.step,
+                "epoch": sample.epoch,
+                "loss": stats.loss,
+                "contrast_acc": stats.contrast_acc,
+                "contrast_entropy": stats.contrast_entropy,
+                "lr": lr,
+                "images_per_s": images as f64 / step_s,
+                "data_wait_s": data_wait_s,
+                "step_s": step_s,
+            });
+            self.write_line(line)?;
+        }
+        self.step += 1;
+        self.last_end = Some(Instant::now());
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), StageError> {
+        self.end_epoch()?;
+        self.epoch = None;
+        if let Some(dir) = &self.run_dir {
+            let path = dir.join("encoder.safetensors");
+            let meta = checkpoint_metadata(&self.cfg, self.engine.steps(), self.epochs_seen);
+            write_safetensors(&path, &self.engine.encoder_tensors(), &meta)
+                .map_err(|e| StageError::fatal(format!("cannot write {}: {e}", path.display())))?;
+        }
+        Ok(())
+    }
+}

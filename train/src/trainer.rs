@@ -1,0 +1,201 @@
+//! One SimCLR training step on a chosen backend, behind an object-safe [`Engine`] so the stage
+//! picks CPU or CUDA at run time.
+
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use burn::module::AutodiffModule;
+use burn::optim::GradientsParams;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Tensor, TensorData};
+
+use crate::config::{no_cuda_message, DeviceSpec, SimclrTrain};
+use crate::export::{named_tensors, NamedTensor};
+use crate::loss::{contrast_stats, contrastive_loss};
+use crate::model::SimclrModel;
+use crate::optim::Optimizer;
+
+/// What one step reports.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    pub loss: f64,
+    pub contrast_acc: f64,
+    pub contrast_entropy: f64,
+}
+
+/// Why a step failed.
+#[derive(Debug, PartialEq)]
+pub enum StepError {
+    /// The loss was NaN or infinite; the weights were not updated.
+    NonFinite(f64),
+    /// Bad input or a backend failure.
+    Other(String),
+}
+
+/// A model + optimizer on some device.
+pub trait Engine: Send {
+    /// One step on the two views (each N x 3 x H x W, row-major) with learning rate `lr`.
+    fn step(
+        &mut self,
+        view1: &[f32],
+        view2: &[f32],
+        shape: [usize; 4],
+        lr: f64,
+    ) -> Result<StepStats, StepError>;
+    /// The encoder's tensors under torchvision's names.
+    fn encoder_tensors(&self) -> Vec<NamedTensor>;
+    /// The representation h of `images` (N x 3 x H x W) in evaluation mode (running BatchNorm
+    /// statistics), row-major N x dim.
+    fn encode(&self, images: &[f32], shape: [usize; 4]) -> Result<Vec<f32>, String>;
+    /// Steps done.
+    fn steps(&self) -> u64;
+    /// The device, in words.
+    fn device_name(&self) -> String;
+}
+
+/// The generic trainer behind [`Engine`].
+pub struct Trainer<B: AutodiffBackend> {
+    cfg: SimclrTrain,
+    device: B::Device,
+    model: Option<SimclrModel<B>>,
+    opt: Optimizer<B::InnerBackend>,
+    steps: u64,
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    pub fn new(cfg: &SimclrTrain, seed: u64, device: B::Device) -> Self {
+        B::seed(&device, seed);
+        let model = SimclrModel::new(cfg, seed, &device);
+        Self { cfg: cfg.clone(), device, model: Some(model), opt: Optimizer::new(&cfg.optimizer), steps: 0 }
+    }
+
+    pub fn model(&self) -> &SimclrModel<B> {
+        self.model.as_ref().expect("model present between steps")
+    }
+
+    fn step_inner(
+        &mut self,
+        view1: &[f32],
+        view2: &[f32],
+        shape: [usize; 4],
+        lr: f64,
+    ) -> Result<StepStats, StepError> {
+        let [n, c, h, w] = shape;
+        let per_view = n * c * h * w;
+        if view1.len() != per_view || view2.len() != per_view {
+            return Err(StepError::Other(format!(
+                "view tensors hold {} and {} values, expected {per_view} for {n} x {c} x {h} x {w}",
+                view1.len(),
+                view2.len()
+            )));
+        }
+        // Both views in one batch of 2N: BatchNorm sees both, as in the official code.
+        let mut data = Vec::with_capacity(2 * per_view);
+        data.extend_from_slice(view1);
+        data.extend_from_slice(view2);
+        let x = Tensor::<B, 4>::from_data(TensorData::new(data, [2 * n, c, h, w]), &self.device);
+        let model = self.model.take().expect("model present between steps");
+        let (_, z) = model.forward(x);
+        let out = contrastive_loss(z, &self.cfg.loss);
+        let loss = f64::from(out.loss.clone().into_data().convert::<f32>().to_vec::<f32>().expect("f32")[0]);
+        if !loss.is_finite() {
+            self.model = Some(model);
+            return Err(StepError::NonFinite(loss));
+        }
+        let logits = out.logits.detach().into_data().convert::<f32>().to_vec::<f32>().expect("f32");
+        let (contrast_acc, contrast_entropy) = contrast_stats(&logits, 2 * n);
+        let grads = GradientsParams::from_grads(out.loss.backward(), &model);
+        self.model = Some(self.opt.step(model, grads, lr));
+        self.steps += 1;
+        Ok(StepStats { loss, contrast_acc, contrast_entropy })
+    }
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+impl<B: AutodiffBackend> Engine for Trainer<B> {
+    fn step(
+        &mut self,
+        view1: &[f32],
+        view2: &[f32],
+        shape: [usize; 4],
+        lr: f64,
+    ) -> Result<StepStats, StepError> {
+        match catch_unwind(AssertUnwindSafe(|| self.step_inner(view1, view2, shape, lr))) {
+            Ok(r) => r,
+            Err(p) => Err(StepError::Other(format!(
+                "the {} backend failed: {}",
+                self.device_name(),
+                panic_message(p)
+            ))),
+        }
+    }
+
+    fn encoder_tensors(&self) -> Vec<NamedTensor> {
+        // `valid()` syncs the running statistics and drops autodiff.
+        named_tensors(&self.model().encoder.valid(), self.steps)
+    }
+
+    fn encode(&self, images: &[f32], shape: [usize; 4]) -> Result<Vec<f32>, String> {
+        if images.len() != shape.iter().product::<usize>() {
+            return Err(format!("{} values for a {shape:?} batch", images.len()));
+        }
+        let run = || {
+            let encoder = self.model().encoder.valid();
+            let x = Tensor::<B::InnerBackend, 4>::from_data(TensorData::new(images.to_vec(), shape), &self.device);
+            encoder.forward(x).into_data().convert::<f32>().to_vec::<f32>().expect("f32")
+        };
+        catch_unwind(AssertUnwindSafe(run))
+            .map_err(|p| format!("the {} backend failed: {}", self.device_name(), panic_message(p)))
+    }
+
+    fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    fn device_name(&self) -> String {
+        format!("{:?}", self.device)
+    }
+}
+
+/// A trainer for `cfg.device`.
+pub fn make_engine(cfg: &SimclrTrain, seed: u64) -> Result<Box<dyn Engine>, String> {
+    match DeviceSpec::parse(&cfg.device)? {
+        DeviceSpec::Cpu => {
+            type B = burn::backend::Autodiff<burn::backend::Flex>;
+            Ok(Box::new(Trainer::<B>::new(cfg, seed, Default::default())))
+        }
+        DeviceSpec::Cuda(index) => cuda_engine(cfg, seed, index),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_engine(cfg: &SimclrTrain, seed: u64, index: usize) -> Result<Box<dyn Engine>, String> {
+    type B = burn::backend::Autodiff<burn::backend::Cuda>;
+    let device = burn::backend::cuda::CudaDevice::new(index);
+    catch_unwind(AssertUnwindSafe(|| Box::new(Trainer::<B>::new(cfg, seed, device)) as Box<dyn Engine>))
+        .map_err(|p| format!("cannot use CUDA device {index}: {}", panic_message(p)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_engine(_cfg: &SimclrTrain, _seed: u64, _index: usize) -> Result<Box<dyn Engine>, String> {
+    Err(no_cuda_message())
+}
+
+/// Metadata stored in `encoder.safetensors`.
+pub fn checkpoint_metadata(cfg: &SimclrTrain, steps: u64, epochs_done: u32) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("format".into(), "pt".into()),
+        ("arch".into(), cfg.backbone.name().into()),
+        ("stem".into(), format!("{:?}", cfg.stem).to_lowercase()),
+        ("width".into(), cfg.width.to_string()),
+        ("steps".into(), steps.to_string()),
+        ("epochs".into(), epochs_done.to_string()),
+        ("producer".into(), format!("simclr-train {}", env!("CARGO_PKG_VERSION"))),
+    ])
+}
