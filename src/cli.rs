@@ -9,6 +9,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use simclr_core::driver::{has_sinks, Mode};
 use simclr_core::{run_plan, Diagnostics, Plan, RunError, RunOptions, RunReport};
 
+#[path = "plugins_cmd.rs"]
+mod plugins_cmd;
+
 /// The demo pipeline, embedded so `simclr demo` needs no files.
 const DEMO: &str = include_str!("../pipelines/demo.yaml");
 
@@ -109,6 +112,11 @@ enum Command {
     },
     /// List stage kinds.
     Kinds,
+    /// Plugin libraries (more stage kinds): `simclr plugins inspect LIB`.
+    Plugins {
+        #[command(subcommand)]
+        command: plugins_cmd::PluginsCommand,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -193,7 +201,8 @@ fn load(file: &Path, set: &[String], seed: Option<u64>) -> Result<Plan, Failure>
         set.push(format!("seed={s}"));
     }
     let spec = simclr_core::spec::load(file, &set)?;
-    let registry = registry();
+    let mut registry = registry();
+    plugins_cmd::load_plugins(&spec, &mut registry)?;
     Ok(simclr_core::validate(spec, &registry)?)
 }
 
@@ -203,7 +212,9 @@ fn load_str(name: &Path, src: &str, set: &[String], seed: Option<u64>) -> Result
         set.push(format!("seed={s}"));
     }
     let spec = simclr_core::spec::parse(name, src, &set)?;
-    Ok(simclr_core::validate(spec, &registry())?)
+    let mut registry = registry();
+    plugins_cmd::load_plugins(&spec, &mut registry)?;
+    Ok(simclr_core::validate(spec, &registry)?)
 }
 
 fn dispatch(command: Command) -> Result<(), Failure> {
@@ -252,6 +263,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Command::Plugins { command } => plugins_cmd::run(command).map_err(Failure::Invalid),
     }
 }
 

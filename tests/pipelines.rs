@@ -61,6 +61,10 @@ fn shipped_pipelines_validate_and_are_deterministic() {
     }
     assert!(files.len() >= 4, "{files:?}");
     for file in files {
+        // Plugin pipelines need their libraries built first: tests/plugins.rs covers them.
+        if file.file_name().is_some_and(|n| n.to_string_lossy().starts_with("plugin-")) {
+            continue;
+        }
         let text = std::fs::read_to_string(&file).unwrap();
         // Point file-based sources (stage id `data`) at the fixtures.
         let sets: Vec<String> = if text.contains("kind: image_folder") {

@@ -4,6 +4,7 @@
 pub mod driver;
 pub mod error;
 pub mod graph;
+pub mod plugin;
 pub mod rng;
 pub mod runtime;
 pub mod sample;

@@ -36,6 +36,7 @@ pub fn registry() -> Registry {
         .register::<augment::noise::GaussianNoise>()
         .register::<augment::rotate::Rotate>()
         .register::<augment::tone::Solarize>()
-        .register::<augment::tone::Equalize>();
+        .register::<augment::tone::Equalize>()
+        .register::<augment::motion_blur::MotionBlurBuiltin>();
     r
 }

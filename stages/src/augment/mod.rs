@@ -8,6 +8,7 @@ pub mod color;
 pub mod crop;
 pub mod cutout;
 pub mod flip;
+pub mod motion_blur;
 pub mod noise;
 pub mod rotate;
 pub mod sobel;
