@@ -30,10 +30,13 @@ pub fn measure(plan: &Plan, opts: &RunOptions, steps: u64) -> Result<Option<serd
             Node::Int(i) if i > 0 => Some(i as u64),
             _ => None,
         })
-        .ok_or_else(|| Failure::Invalid("the training stage needs a `batch` stage with a `batch_size`".into()))?;
+        .ok_or_else(|| {
+            Failure::Invalid("the training stage needs a `batch` stage with a `batch_size`".into())
+        })?;
     let dir = std::env::temp_dir().join(format!("simclr-bench-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| Failure::Runtime(format!("cannot create {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Failure::Runtime(format!("cannot create {}: {e}", dir.display())))?;
     let mut o = opts.clone();
     o.run_dir = Some(dir.clone());
     o.max_samples = Some((steps + 1) * batch_size);
