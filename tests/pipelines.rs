@@ -37,7 +37,7 @@ fn digest(file: &Path, sets: &[String], threads: &str) -> String {
         .unwrap()
         .arg("bench")
         .arg(file)
-        .args(["--json", "--digest", "--samples", "24", "--threads", threads])
+        .args(["--json", "--digest", "--samples", "24", "--threads", threads, "--train-steps", "0"])
         .args(sets.iter().flat_map(|s| ["--set", s.as_str()]))
         .output()
         .unwrap();
