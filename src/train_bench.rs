@@ -51,7 +51,7 @@ pub fn measure(plan: &Plan, opts: &RunOptions, steps: u64) -> Result<Option<serd
     let rows: Vec<serde_json::Value> = metrics
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v.get("step_s").is_some())
+        .filter(|v| v.get("type").and_then(serde_json::Value::as_str) == Some("step"))
         .collect();
     let timed: Vec<&serde_json::Value> = rows.iter().skip(1).collect();
     if timed.is_empty() {

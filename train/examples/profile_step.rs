@@ -41,7 +41,8 @@ fn main() {
         let t3 = Instant::now();
         // Eval-mode forward (no autodiff) for reference.
         let enc = model.encoder.valid();
-        let x = Tensor::<Flex, 4>::from_data(TensorData::new(data.clone(), [2 * pairs, 3, side, side]), &device);
+        let x =
+            Tensor::<Flex, 4>::from_data(TensorData::new(data.clone(), [2 * pairs, 3, side, side]), &device);
         let t4 = Instant::now();
         let _ = enc.forward(x).into_data();
         let t5 = Instant::now();
@@ -56,23 +57,38 @@ fn main() {
     // Single conv layer timings: 64->64 3x3 on the full batch.
     for (c, s) in [(64usize, side), (128, side / 2), (256, side / 4), (512, side / 8)] {
         let x = Tensor::<B, 4>::from_data(
-            TensorData::new((0..2 * pairs * c * s * s).map(|_| rng.random::<f32>()).collect::<Vec<f32>>(), [2 * pairs, c, s, s]),
+            TensorData::new(
+                (0..2 * pairs * c * s * s).map(|_| rng.random::<f32>()).collect::<Vec<f32>>(),
+                [2 * pairs, c, s, s],
+            ),
             &device,
         )
         .require_grad();
         let w = Tensor::<B, 4>::from_data(
-            TensorData::new((0..c * c * 9).map(|_| rng.random::<f32>() * 0.01).collect::<Vec<f32>>(), [c, c, 3, 3]),
+            TensorData::new(
+                (0..c * c * 9).map(|_| rng.random::<f32>() * 0.01).collect::<Vec<f32>>(),
+                [c, c, 3, 3],
+            ),
             &device,
         )
         .require_grad();
         let t0 = Instant::now();
-        let y = burn::tensor::module::conv2d(x.clone(), w.clone(), None, burn::tensor::ops::ConvOptions::new([1, 1], [1, 1], [1, 1], 1));
+        let y = burn::tensor::module::conv2d(
+            x.clone(),
+            w.clone(),
+            None,
+            burn::tensor::ops::ConvOptions::new([1, 1], [1, 1], [1, 1], 1),
+        );
         let s1 = y.clone().sum().into_scalar();
         let t1 = Instant::now();
         let g = y.sum().backward();
         let _ = w.grad(&g).unwrap().into_data();
         let _ = x.grad(&g).unwrap().into_data();
         let t2 = Instant::now();
-        println!("conv {c}x{s}x{s}: forward {:.3}s backward {:.3}s ({s1:.1})", (t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64());
+        println!(
+            "conv {c}x{s}x{s}: forward {:.3}s backward {:.3}s ({s1:.1})",
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64()
+        );
     }
 }
