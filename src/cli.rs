@@ -165,6 +165,10 @@ pub fn main() -> i32 {
         .with_target(false)
         .without_time()
         .try_init();
+    if matches!(cli.command, Some(Command::Run { .. } | Command::Demo { .. } | Command::Bench { .. })) {
+        // Install the Ctrl-C handler before any slow work, so an early Ctrl-C is handled too.
+        interrupt_flag();
+    }
     let Some(command) = cli.command else {
         use clap::CommandFactory;
         let _ = Cli::command().print_help();

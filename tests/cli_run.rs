@@ -81,7 +81,16 @@ fn ctrl_c_exits_130() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Wait until the run has started (its Ctrl-C handler is installed before the run
+    // directory is written): a signal that arrives earlier may be ignored, e.g. when the test
+    // itself runs in a background job, where SIGINT starts out ignored.
+    let started = dir.path().join("run").join("pipeline.yaml");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !started.exists() {
+        assert!(Instant::now() < deadline, "the run never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
     let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
