@@ -160,7 +160,7 @@ pub fn resolve(entry: &str, base_dir: &Path, search_path: Option<&OsStr>) -> Res
         ),
         format!(
             "set {SEARCH_PATH_VAR} to the folder holding it, or write a path such as ./{}",
-            names.last().unwrap()
+            names.last().map_or(entry, String::as_str)
         ),
     ))
 }
