@@ -342,8 +342,21 @@ fn run(plan: &Plan, common: &Common, out: Option<PathBuf>) -> Result<(), Failure
     for (_, r) in &reports {
         print_report(r);
     }
-    let json = serde_json::json!({ "chains": reports.iter().map(|(_, r)| r).collect::<Vec<_>>() });
-    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&json).unwrap_or_default())
+    let mut results = opts.artifacts.results();
+    results.insert(
+        "chains".into(),
+        serde_json::to_value(reports.iter().map(|(_, r)| r).collect::<Vec<_>>()).unwrap_or_default(),
+    );
+    let plots: Vec<String> = Vec::new();
+    crate::report::write_markdown(&dir, &plan.spec.name, &results, &plots)
+        .with_context(|| format!("cannot write into {}", dir.display()))?;
+    if results.contains_key("evals") {
+        println!("\n{}", crate::report::table(&results));
+    }
+    // Written last and atomically: its presence means the run finished.
+    let tmp = dir.join("results.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&results).unwrap_or_default())
+        .and_then(|_| std::fs::rename(&tmp, dir.join("results.json")))
         .with_context(|| format!("cannot write into {}", dir.display()))?;
     println!("run directory: {}", dir.display());
     Ok(())

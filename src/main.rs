@@ -4,6 +4,7 @@
 
 mod cli;
 mod render;
+mod report;
 mod train_bench;
 
 pub use render::{graph_text, timestamp};

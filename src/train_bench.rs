@@ -43,7 +43,7 @@ pub fn measure(plan: &Plan, opts: &RunOptions, steps: u64) -> Result<Option<serd
     o.epochs = None;
     o.digest = false;
     eprintln!("bench: timing {steps} training steps (+1 warm-up) of {batch_size} pairs");
-    let stages = build_chain(plan, &chain, Mode::Full, Some(&dir))?;
+    let stages = build_chain(plan, &chain, Mode::Full, Some(&dir), &simclr_core::Artifacts::default())?;
     let result = run_chain(stages, &o);
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&dir);

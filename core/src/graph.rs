@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+use crate::artifact::Artifacts;
 use crate::error::{Diagnostic, Diagnostics};
 use crate::spec::{PipelineSpec, StageSpec};
 use crate::stage::{Configured, Context, PortType, Registry, Role, StageRef};
@@ -30,12 +31,13 @@ pub struct PlannedStage {
 }
 
 impl PlannedStage {
-    pub fn context(&self, plan: &Plan, run_dir: Option<&Path>) -> Context {
+    pub fn context(&self, plan: &Plan, run_dir: Option<&Path>, artifacts: &Artifacts) -> Context {
         Context {
             base_dir: plan.base_dir(),
             seed: plan.spec.seed,
             stage_id: self.id.clone(),
             run_dir: run_dir.map(Path::to_path_buf),
+            artifacts: artifacts.clone(),
         }
     }
 }
@@ -72,9 +74,15 @@ impl Plan {
                 consumers.entry(inp).or_default().push(i);
             }
         }
+        let referenced: HashSet<usize> =
+            self.stages.iter().flat_map(|s| s.refs.iter().map(|(_, j)| *j)).collect();
         let mut chains = Vec::new();
         for (i, s) in self.stages.iter().enumerate() {
             if s.role != Role::Source {
+                continue;
+            }
+            if referenced.contains(&i) && !consumers.contains_key(&i) {
+                // A data source that tasks read (evaluation data), not a stream of its own.
                 continue;
             }
             let mut chain = Chain { source: i, maps: Vec::new(), batch: None, sink: None };
@@ -88,7 +96,7 @@ impl Plan {
                         chain.sink = Some(next);
                         break;
                     }
-                    Role::Source => break,
+                    Role::Source | Role::Task => break,
                 }
                 cur = next;
             }
@@ -201,6 +209,7 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
                     seed: spec.seed,
                     stage_id: s.id.value.clone(),
                     run_dir: None,
+                    artifacts: Artifacts::default(),
                 };
                 let mut problems = Vec::new();
                 c.check(&cx, &mut problems);
@@ -224,9 +233,10 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
         let role = configured[i].as_ref().map(|(r, _)| *r);
         match &s.inputs {
             Some(list) => {
-                if role == Some(Role::Source) && !list.is_empty() {
+                if matches!(role, Some(Role::Source | Role::Task)) && !list.is_empty() {
+                    let what = if role == Some(Role::Source) { "a source stage" } else { "this stage" };
                     diags.push(
-                        diag(s, list[0].pos, "a source stage takes no input".into())
+                        diag(s, list[0].pos, format!("{what} takes no input"))
                             .fix("remove `input`/`inputs` from this stage"),
                     );
                 }
@@ -240,7 +250,7 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
                     }
                 }
             }
-            None if role == Some(Role::Source) || role.is_none() => {}
+            None if matches!(role, Some(Role::Source | Role::Task) | None) => {}
             None if i == 0 => diags.push(
                 diag(s, s.pos, "the first stage needs an input, but it is not a source".into())
                     .fix("start the pipeline with a source stage (e.g. `kind: synthetic_shapes`)"),

@@ -1,6 +1,7 @@
 //! simclr-core: the pipeline file, its validation, the stage registry and the parallel
 //! runtime. No image or ML code lives here; stages do that.
 
+pub mod artifact;
 pub mod driver;
 pub mod error;
 pub mod graph;
@@ -12,6 +13,7 @@ pub mod spec;
 pub mod stage;
 pub mod yaml;
 
+pub use artifact::Artifacts;
 pub use driver::{run_plan, Mode};
 pub use error::{Diagnostic, Diagnostics, RunError, StageError};
 pub use graph::{validate, Chain, Plan, PlannedStage};
@@ -21,7 +23,7 @@ pub use sample::{Batch, Image, Payload, Sample, Tensor};
 pub use spec::PipelineSpec;
 pub use stage::{
     Batcher, Configured, Context, Factory, MapStage, OnError, PortType, Problem, Registry, Role, SampleCtx,
-    Shard, Sink, Source, SourceOptions, Stage, StageConfig, StageRef,
+    Shard, Sink, Source, SourceOptions, Stage, StageConfig, StageRef, Task,
 };
 
 /// The candidate closest to `word`, if close enough to be a likely typo.

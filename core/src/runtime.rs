@@ -71,6 +71,8 @@ pub struct RunOptions {
     pub progress_total: Arc<AtomicU64>,
     /// The run directory stages write into (metrics, checkpoints).
     pub run_dir: Option<std::path::PathBuf>,
+    /// What stages hand to later stages (encoders, evaluation data, final metrics).
+    pub artifacts: crate::artifact::Artifacts,
 }
 
 impl Default for RunOptions {
@@ -87,6 +89,7 @@ impl Default for RunOptions {
             progress: Arc::new(AtomicU64::new(0)),
             progress_total: Arc::new(AtomicU64::new(0)),
             run_dir: None,
+            artifacts: crate::artifact::Artifacts::default(),
         }
     }
 }

@@ -71,6 +71,9 @@ pub enum Role {
     Batch,
     /// Consumes the ordered stream on one thread (training, evaluation, writers).
     Sink,
+    /// Runs once, after the stages it references (`encoder: train`), on no stream of its own:
+    /// evaluations, baselines.
+    Task,
 }
 
 /// What a source does with bad samples.
@@ -154,12 +157,18 @@ pub trait Batcher: Send {
     fn flush(&mut self) -> Result<Option<Sample>, StageError>;
 }
 
+/// Work that runs once on artifacts of earlier stages (see [`Role::Task`]).
+pub trait Task: Send {
+    fn run(&mut self) -> Result<(), StageError>;
+}
+
 /// A built stage, ready to run.
 pub enum Stage {
     Source(Arc<dyn Source>),
     Map(Arc<dyn MapStage>),
     Batch(Box<dyn Batcher>),
     Sink(Box<dyn Sink>),
+    Task(Box<dyn Task>),
 }
 
 /// A semantic problem in one stage's config, located by its field path.
@@ -190,6 +199,8 @@ pub struct Context {
     pub stage_id: String,
     /// Where the run writes its files (metrics, checkpoints); `None` while validating.
     pub run_dir: Option<PathBuf>,
+    /// What earlier stages of the run produced (empty while validating).
+    pub artifacts: crate::artifact::Artifacts,
 }
 
 impl Context {

@@ -228,6 +228,39 @@ pub struct SimclrTrain {
     /// Write one metrics line every this many steps (epoch lines always; default 1).
     #[serde(default = "one_u")]
     pub log_every: u64,
+    /// kNN monitor: accuracy of a cosine kNN on frozen features every few epochs, logged to
+    /// `metrics.jsonl` as `"type": "monitor"` lines (default off).
+    #[serde(default)]
+    pub monitor: Option<MonitorConfig>,
+}
+
+/// `monitor:` of `simclr_train`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorConfig {
+    /// Labeled source stage the kNN looks up (e.g. the training split, unaugmented).
+    pub train_data: String,
+    /// Labeled source stage it is measured on (held out).
+    pub test_data: String,
+    /// Every this many epochs, and after the last (default 1).
+    #[serde(default = "one_u32")]
+    pub every: u32,
+    /// Neighbours (default 200).
+    #[serde(default = "two_hundred")]
+    pub k: usize,
+    /// Vote temperature (default 0.1).
+    #[serde(default = "tenth")]
+    pub temperature: f64,
+}
+
+fn one_u32() -> u32 {
+    1
+}
+fn two_hundred() -> usize {
+    200
+}
+fn tenth() -> f64 {
+    0.1
 }
 
 impl Default for SimclrTrain {
@@ -350,6 +383,15 @@ impl SimclrTrain {
                 "`steps_per_epoch` must be positive",
                 "leave it out to count batches during the first epoch",
             ));
+        }
+        if let Some(m) = &self.monitor {
+            if m.every == 0 || m.k == 0 || !(m.temperature.is_finite() && m.temperature > 0.0) {
+                out.push(Problem::new(
+                    "monitor",
+                    "`monitor` needs `every` >= 1, `k` >= 1 and a positive `temperature`",
+                    "e.g. `monitor: { train_data: eval_train, test_data: eval_test, every: 1 }`",
+                ));
+            }
         }
         if self.log_every == 0 {
             out.push(Problem::new("log_every", "`log_every` must be at least 1", "e.g. `log_every: 10`"));

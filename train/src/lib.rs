@@ -9,6 +9,7 @@
 //! - [`stage`]: the sink, its metrics and checkpoint files.
 
 pub mod config;
+pub mod eval;
 pub mod export;
 pub mod loss;
 pub mod model;
@@ -26,6 +27,7 @@ pub use trainer::{make_engine, Engine, StepError, StepStats};
 /// Registers the stage kinds of this crate.
 pub fn register(registry: &mut simclr_core::Registry) {
     registry.register::<SimclrTrain>();
+    eval::register(registry);
 }
 
 /// Times `steps` real training steps (forward, loss, backward, optimizer update) of the model

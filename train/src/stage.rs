@@ -4,14 +4,22 @@
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use simclr_core::{Context, Payload, PortType, Problem, Role, Sample, Sink, Stage, StageConfig, StageError};
+use simclr_core::{
+    Artifacts, Context, Payload, PortType, Problem, Role, Sample, Sink, Stage, StageConfig, StageError,
+};
 
-use crate::config::SimclrTrain;
+use crate::config::{MonitorConfig, SimclrTrain};
+use crate::eval::features::{extract, source_of, EvalTransform};
+use crate::eval::features::{EncoderArtifact, EngineEncoder};
+use crate::eval::knn::knn_accuracy;
 use crate::export::write_safetensors;
 use crate::optim::{base_lr, first_epoch_lr, Schedule};
 use crate::trainer::{checkpoint_metadata, make_engine, Engine, StepError};
+use simclr_core::driver::DataSource;
+use simclr_core::StageRef;
 
 impl StageConfig for SimclrTrain {
     const KIND: &'static str = "simclr_train";
@@ -24,12 +32,33 @@ impl StageConfig for SimclrTrain {
     fn check(&self, _cx: &Context, out: &mut Vec<Problem>) {
         out.extend(self.problems());
     }
+    fn refs(&self) -> Vec<StageRef> {
+        let data = |field: &str, stage: &str| StageRef {
+            field: field.into(),
+            stage: stage.into(),
+            expects: PortType::Any,
+        };
+        self.monitor
+            .iter()
+            .flat_map(|m| [data("monitor", &m.train_data), data("monitor", &m.test_data)])
+            .collect()
+    }
     fn build(&self, cx: &Context) -> Result<Stage, StageError> {
         if let Some(p) = self.problems().into_iter().next() {
             return Err(StageError::fatal(format!("{} ({})", p.message, p.fix)));
         }
         let engine = make_engine(self, cx.seed).map_err(StageError::fatal)?;
-        Ok(Stage::Sink(Box::new(TrainSink::new(self.clone(), engine, cx.run_dir.clone()))))
+        let mut sink = TrainSink::new(self.clone(), engine, cx.run_dir.clone())
+            .publishing(&cx.stage_id, cx.artifacts.clone());
+        if let Some(m) = &self.monitor {
+            sink.monitor = Some(Monitor {
+                train: source_of(cx, "monitor.train_data", &m.train_data)?,
+                test: source_of(cx, "monitor.test_data", &m.test_data)?,
+                cfg: m.clone(),
+                seed: cx.seed,
+            });
+        }
+        Ok(Stage::Sink(Box::new(sink)))
     }
 }
 
@@ -63,6 +92,17 @@ pub struct TrainSink {
     base_lr: Option<f64>,
     sums: EpochSums,
     last_end: Option<Instant>,
+    /// Where the trained encoder goes at the end, under this stage's id (for evaluation stages).
+    publish: Option<(String, Artifacts)>,
+    monitor: Option<Monitor>,
+}
+
+/// The kNN monitor's data.
+struct Monitor {
+    train: Arc<DataSource>,
+    test: Arc<DataSource>,
+    cfg: MonitorConfig,
+    seed: u64,
 }
 
 impl TrainSink {
@@ -80,7 +120,15 @@ impl TrainSink {
             base_lr: None,
             sums: EpochSums::default(),
             last_end: None,
+            publish: None,
+            monitor: None,
         }
+    }
+
+    /// Hands the trained encoder to later stages as the artifact of stage `id`.
+    pub fn publishing(mut self, id: &str, artifacts: Artifacts) -> Self {
+        self.publish = Some((id.to_string(), artifacts));
+        self
     }
 
     /// The learning rate of the next step.
@@ -130,6 +178,29 @@ impl TrainSink {
             "data_wait_s": s.data_wait_s,
             "step_s": s.step_s / k,
             "epoch_s": s.started.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+        });
+        self.write_line(line)?;
+        self.run_monitor(epoch)
+    }
+
+    /// kNN accuracy of the current encoder, every `monitor.every` epochs and after the last.
+    fn run_monitor(&mut self, epoch: u32) -> Result<(), StageError> {
+        let Some(m) = &self.monitor else { return Ok(()) };
+        let last = self.epochs_seen >= self.cfg.epochs;
+        if !(self.epochs_seen.is_multiple_of(m.cfg.every) || last) {
+            return Ok(());
+        }
+        let t = EvalTransform::default();
+        let engine = &self.engine;
+        let encode = |x: &[f32], shape: [usize; 4]| engine.encode(x, shape);
+        let train = extract("monitor", &encode, &m.train, &t, m.seed, 256)?;
+        let test = extract("monitor", &encode, &m.test, &t, m.seed, 256)?;
+        let classes = train.y.iter().chain(&test.y).max().map_or(0, |c| *c as usize + 1);
+        let (top1, top5) = knn_accuracy(&train, &test, classes, m.cfg.k, m.cfg.temperature);
+        tracing::info!("epoch {epoch}: kNN top-1 {top1:.2}%");
+        let line = serde_json::json!({
+            "type": "monitor", "epoch": epoch, "step": self.step.saturating_sub(1),
+            "knn_top1": top1, "knn_top5": top5,
         });
         self.write_line(line)
     }
@@ -230,6 +301,39 @@ impl Sink for TrainSink {
             write_safetensors(&path, &self.engine.encoder_tensors(), &meta)
                 .map_err(|e| StageError::fatal(format!("cannot write {}: {e}", path.display())))?;
         }
+        if let Some((id, artifacts)) = self.publish.take() {
+            let engine = std::mem::replace(&mut self.engine, Box::new(Spent));
+            artifacts.put(
+                &id,
+                EncoderArtifact {
+                    stage: id.clone(),
+                    method: "simclr".into(),
+                    arch: self.cfg.clone(),
+                    encoder: Mutex::new(Box::new(EngineEncoder(engine))),
+                },
+            );
+        }
         Ok(())
+    }
+}
+
+/// What is left in a sink whose engine was handed over: every call says so.
+struct Spent;
+
+impl Engine for Spent {
+    fn step(&mut self, _: &[f32], _: &[f32], _: [usize; 4], _: f64) -> Result<crate::StepStats, StepError> {
+        Err(StepError::Other("training already finished".into()))
+    }
+    fn encoder_tensors(&self) -> Vec<crate::export::NamedTensor> {
+        Vec::new()
+    }
+    fn encode(&self, _: &[f32], _: [usize; 4]) -> Result<Vec<f32>, String> {
+        Err("training already finished".into())
+    }
+    fn steps(&self) -> u64 {
+        0
+    }
+    fn device_name(&self) -> String {
+        "none".into()
     }
 }

@@ -1078,7 +1078,13 @@ mod tests {
         assert_eq!(j.jitter(), Jitter::simclr(1.0));
         assert!(serde_json::from_value::<ColorDistort>(serde_json::json!({"strenght": 1.0})).is_err());
         assert!(serde_json::from_value::<RandomGrayscale>(serde_json::json!({"weights": "bt709"})).is_err());
-        let cx = Context { base_dir: ".".into(), seed: 0, stage_id: "c".into(), run_dir: None };
+        let cx = Context {
+            base_dir: ".".into(),
+            seed: 0,
+            stage_id: "c".into(),
+            run_dir: None,
+            ..Context::default()
+        };
         let bad: ColorJitter = serde_json::from_value(serde_json::json!({"hue": 0.7, "p": 2.0})).unwrap();
         let mut out = Vec::new();
         bad.check(&cx, &mut out);

@@ -375,7 +375,13 @@ mod tests {
 
     #[test]
     fn check_reports_bad_ranges() {
-        let cx = Context { base_dir: ".".into(), seed: 0, stage_id: "crop".into(), run_dir: None };
+        let cx = Context {
+            base_dir: ".".into(),
+            seed: 0,
+            stage_id: "crop".into(),
+            run_dir: None,
+            ..Context::default()
+        };
         let s: RandomResizedCrop = serde_json::from_value(
             serde_json::json!({"size": 0, "scale": [0.5, 0.2], "ratio": [0.0, 1.0], "attempts": 0, "views": []}),
         )

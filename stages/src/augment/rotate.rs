@@ -179,7 +179,13 @@ mod tests {
 
     #[test]
     fn check_rejects_other_angles() {
-        let cx = Context { base_dir: ".".into(), seed: 0, stage_id: "rot".into(), run_dir: None };
+        let cx = Context {
+            base_dir: ".".into(),
+            seed: 0,
+            stage_id: "rot".into(),
+            run_dir: None,
+            ..Context::default()
+        };
         let s: Rotate = serde_json::from_value(serde_json::json!({"angles": [45]})).unwrap();
         let mut out = Vec::new();
         s.check(&cx, &mut out);

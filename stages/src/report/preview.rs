@@ -35,7 +35,7 @@ fn fit(img: &Image, side: u32) -> Image {
 pub fn collect(plan: &Plan, n: usize) -> Result<Vec<(Image, Vec<Image>)>, RunError> {
     let chains = plan.chains();
     let chain = chains.first().ok_or_else(|| RunError::Internal("no source stage".into()))?;
-    let stages = build_chain(plan, chain, Mode::DataOnly, None)?;
+    let stages = build_chain(plan, chain, Mode::DataOnly, None, &simclr_core::Artifacts::default())?;
     let (src_info, source) = &stages.source;
     let mut rows = Vec::new();
     let order = epoch_order(source.len(), &source.options(), plan.spec.seed, 0, &src_info.id);

@@ -49,6 +49,10 @@ pub struct SyntheticShapes {
     /// ablation so only the method changes.
     #[serde(default)]
     pub data_seed: Option<u64>,
+    /// Contrast of the background texture, 0 (flat) to 1 (full; default): lower values make
+    /// the shapes stand out, for short demo-scale runs.
+    #[serde(default = "full")]
+    pub texture: f32,
     #[serde(default)]
     pub shuffle: bool,
     #[serde(default)]
@@ -67,6 +71,9 @@ fn default_size() -> u32 {
 }
 fn default_classes() -> u32 {
     6
+}
+fn full() -> f32 {
+    1.0
 }
 
 impl SyntheticShapes {
@@ -97,12 +104,16 @@ impl StageConfig for SyntheticShapes {
         if self.count == 0 {
             out.push(Problem::new("count", "`count` must be positive", "use e.g. `count: 2000`"));
         }
+        if !(0.0..=1.0).contains(&self.texture) {
+            out.push(Problem::new("texture", "`texture` must be from 0 to 1", "use e.g. `texture: 0.5`"));
+        }
     }
     fn build(&self, cx: &Context) -> Result<Stage, StageError> {
         Ok(Stage::Source(Arc::new(Shapes {
             count: self.count,
             size: self.size,
             classes: self.classes,
+            texture: self.texture,
             seed: self.data_seed.unwrap_or(cx.seed),
             offset: match self.split {
                 SynthSplit::Train => 0,
@@ -116,6 +127,7 @@ impl StageConfig for SyntheticShapes {
 struct Shapes {
     count: u64,
     size: u32,
+    texture: f32,
     classes: u32,
     seed: u64,
     offset: u64,
@@ -139,7 +151,7 @@ impl Source for Shapes {
             stage: stage_key("synthetic_shapes"),
         };
         let class = (index % u64::from(self.classes)) as u32;
-        let image = draw(self.size, class as usize, &mut key.rng());
+        let image = draw(self.size, class as usize, self.texture, &mut key.rng());
         Ok(Sample { index, label: Some(class), payload: Payload::Views(vec![image]), ..Sample::default() })
     }
 }
@@ -174,9 +186,10 @@ fn distance(shape: usize, x: f32, y: f32) -> f32 {
 }
 
 /// Draws one image of class `shape`.
-pub fn draw(size: u32, shape: usize, rng: &mut impl Rng) -> Image {
+pub fn draw(size: u32, shape: usize, texture: f32, rng: &mut impl Rng) -> Image {
     let s = size as f32;
     let (bg_a, bg_b, fg) = (color(rng), color(rng), color(rng));
+    let bg_b: [f32; 3] = std::array::from_fn(|c| bg_a[c] + (bg_b[c] - bg_a[c]) * texture);
     let pattern = rng.random_range(0..3u32);
     let freq = rng.random_range(1.5f32..6.0) * TAU / s;
     let angle = rng.random_range(0.0f32..PI);
@@ -233,15 +246,15 @@ mod tests {
     #[test]
     fn images_are_reproducible_and_color_is_independent_of_class() {
         let key = |i| StreamKey { seed: 3, epoch: 0, index: i, view: 0, stage: 1 };
-        assert_eq!(draw(32, 2, &mut key(5).rng()), draw(32, 2, &mut key(5).rng()));
-        assert_ne!(draw(32, 2, &mut key(5).rng()), draw(32, 2, &mut key(6).rng()));
+        assert_eq!(draw(32, 2, 1.0, &mut key(5).rng()), draw(32, 2, 1.0, &mut key(5).rng()));
+        assert_ne!(draw(32, 2, 1.0, &mut key(5).rng()), draw(32, 2, 1.0, &mut key(6).rng()));
         // Mean colour per class: with colours drawn independently of the class, the class
         // means differ by far less than the spread of single images.
         let mean = |class: usize| -> f32 {
             let n = 200;
             (0..n)
                 .map(|i| {
-                    let img = draw(16, class, &mut key(i * 10 + class as u64).rng());
+                    let img = draw(16, class, 1.0, &mut key(i * 10 + class as u64).rng());
                     img.data.iter().step_by(3).map(|&r| f32::from(r)).sum::<f32>() / 256.0
                 })
                 .sum::<f32>()

@@ -1,0 +1,142 @@
+//! The run report: `results.json` (every final metric), `report.md` (the paper-shaped table),
+//! plots of the training curves and the preview grid.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+/// Methods in the order the paper's tables list them.
+const ORDER: &[&str] = &["simclr", "supervised", "random_init"];
+
+fn label(method: &str) -> String {
+    match method {
+        "simclr" => "SimCLR (ours)".into(),
+        "supervised" => "Supervised".into(),
+        "random_init" => "Random init".into(),
+        m => m.to_string(),
+    }
+}
+
+fn methods(results: &Map<String, Value>) -> Vec<String> {
+    let mut out: Vec<String> =
+        ORDER.iter().filter(|m| results.contains_key(**m)).map(|m| m.to_string()).collect();
+    for (k, v) in results {
+        if v.is_object() && !out.contains(k) {
+            out.push(k.clone());
+        }
+    }
+    out
+}
+
+fn pct(v: Option<&Value>) -> String {
+    v.and_then(Value::as_f64).map_or_else(|| "-".into(), |x| format!("{x:.1}"))
+}
+
+/// The results table: method x dataset, linear (top-1 / top-5) and kNN top-1.
+pub fn table(results: &Map<String, Value>) -> String {
+    let evals: Vec<&Value> =
+        results.get("evals").and_then(Value::as_array).map(|a| a.iter().collect()).unwrap_or_default();
+    let mut datasets: Vec<String> = Vec::new();
+    for e in &evals {
+        if let Some(d) = e["dataset"].as_str() {
+            if !datasets.iter().any(|x| x == d) {
+                datasets.push(d.to_string());
+            }
+        }
+    }
+    let mut s = String::new();
+    let _ = write!(s, "| method |");
+    for d in &datasets {
+        let _ = write!(s, " {d} linear top-1 | {d} linear top-5 | {d} kNN top-1 |");
+    }
+    s.push('\n');
+    s.push_str("|---|");
+    s.push_str(&"---:|".repeat(3 * datasets.len()));
+    s.push('\n');
+    for m in methods(results) {
+        let _ = write!(s, "| {} |", label(&m));
+        for d in &datasets {
+            // The last evaluation of this method on this dataset holds its final figures.
+            let metrics = evals
+                .iter()
+                .rev()
+                .filter(|e| e["method"].as_str() == Some(&m) && e["dataset"].as_str() == Some(d))
+                .fold(Map::new(), |mut acc, e| {
+                    if let Some(o) = e["metrics"].as_object() {
+                        for (k, v) in o {
+                            acc.entry(k.clone()).or_insert_with(|| v.clone());
+                        }
+                    }
+                    acc
+                });
+            let _ = write!(
+                s,
+                " {} | {} | {} |",
+                pct(metrics.get("linear_top1")),
+                pct(metrics.get("linear_top5")),
+                pct(metrics.get("knn_top1"))
+            );
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// Writes `report.md` into `dir`.
+pub fn write_markdown(
+    dir: &Path,
+    name: &str,
+    results: &Map<String, Value>,
+    plots: &[String],
+) -> std::io::Result<()> {
+    let mut s = format!("# {name}: run report\n\n");
+    if results.get("evals").is_some() {
+        s.push_str(
+            "Accuracy (%) on the held-out split, frozen encoders (the paper's Table 8 shape: linear \
+                    evaluation next to the baselines from the same backbone).\n\n",
+        );
+        s.push_str(&table(results));
+        s.push('\n');
+        if let Some(e) = results.get("evals").and_then(Value::as_array).and_then(|a| a.first()) {
+            let _ = writeln!(
+                s,
+                "Features: {} training / {} test images, {} classes, dimension {}.\n",
+                e["train_size"], e["test_size"], e["classes"], e["feature_dim"]
+            );
+        }
+    } else {
+        s.push_str("No evaluation stage ran (add `linear_eval` or `knn_eval` to get accuracies).\n\n");
+    }
+    for p in plots {
+        let _ = writeln!(s, "![{p}]({p})\n");
+    }
+    s.push_str(
+        "Files: `pipeline.yaml` (the resolved pipeline), `metrics.jsonl` (one line per step and epoch), \
+                `results.json` (every final metric).\n",
+    );
+    std::fs::write(dir.join("report.md"), s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_has_a_row_per_method_in_paper_order() {
+        let r = serde_json::json!({
+            "random_init": {"linear_top1": 30.0},
+            "simclr": {"linear_top1": 70.0},
+            "evals": [
+                {"method": "random_init", "dataset": "cifar10", "metrics": {"linear_top1": 30.0, "linear_top5": 80.0}},
+                {"method": "simclr", "dataset": "cifar10", "metrics": {"linear_top1": 70.25, "knn_top1": 60.0}},
+            ]
+        });
+        let t = table(r.as_object().unwrap_or(&Map::new()));
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        assert!(lines[0].contains("cifar10 linear top-1"));
+        assert_eq!(lines[2], "| SimCLR (ours) | 70.2 | - | 60.0 |");
+        assert_eq!(lines[3], "| Random init | 30.0 | 80.0 | - |");
+    }
+}

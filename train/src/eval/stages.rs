@@ -1,0 +1,382 @@
+//! The evaluation stage kinds: `random_init`, `linear_eval`, `knn_eval`, `extract_features`.
+//! They are tasks: each runs once, after the stages its fields name.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use simclr_core::{Context, PortType, Problem, Role, Stage, StageConfig, StageError, StageRef, Task};
+
+use super::features::{
+    cached_features, encoder_of, source_of, EncoderArtifact, EngineEncoder, EvalTransform,
+};
+use super::knn::knn_accuracy;
+use super::linear::{fit_lbfgs, fit_sgd, Features, Standardizer};
+use crate::export::{write_safetensors, Data, NamedTensor};
+use crate::trainer::make_engine;
+
+fn encoder_ref(field: &str, stage: &str) -> StageRef {
+    StageRef { field: field.into(), stage: stage.into(), expects: PortType::Encoder }
+}
+fn data_ref(field: &str, stage: &str) -> StageRef {
+    StageRef { field: field.into(), stage: stage.into(), expects: PortType::Any }
+}
+
+/// `random_init`: an untrained encoder with the architecture of another encoder stage (the
+/// random-init baseline), initialized from the pipeline seed.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RandomInit {
+    /// The encoder stage whose architecture to copy (e.g. `train`).
+    pub like: String,
+}
+
+impl StageConfig for RandomInit {
+    const KIND: &'static str = "random_init";
+    const ABOUT: &'static str = "task: an untrained encoder shaped like another (random-init baseline)";
+    const ROLE: Role = Role::Task;
+    fn ports(&self) -> (PortType, PortType) {
+        (PortType::Nothing, PortType::Encoder)
+    }
+    fn refs(&self) -> Vec<StageRef> {
+        vec![encoder_ref("like", &self.like)]
+    }
+    fn build(&self, cx: &Context) -> Result<Stage, StageError> {
+        let like = encoder_of(cx, "like", &self.like)?;
+        let engine = make_engine(&like.arch, cx.seed).map_err(StageError::fatal)?;
+        cx.artifacts.put(
+            &cx.stage_id,
+            EncoderArtifact {
+                stage: cx.stage_id.clone(),
+                method: "random_init".into(),
+                arch: like.arch.clone(),
+                encoder: Mutex::new(Box::new(EngineEncoder(engine))),
+            },
+        );
+        Ok(Stage::Task(Box::new(Done)))
+    }
+}
+
+/// A task whose work happened at build time.
+struct Done;
+
+impl Task for Done {
+    fn run(&mut self) -> Result<(), StageError> {
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// L2-regularized multinomial logistic regression by L-BFGS (the transfer protocol).
+    #[default]
+    Lbfgs,
+    /// Minibatch SGD, Nesterov momentum 0.9, cosine decay (the linear-evaluation optimizer).
+    Sgd,
+}
+
+/// `linear_eval`: a linear classifier on frozen features of each encoder; top-1/top-5 on the
+/// test split (and kNN accuracy with `knn: true`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LinearEval {
+    /// The encoder stages to evaluate (`simclr_train`, `supervised_train`, `random_init`).
+    pub encoders: Vec<String>,
+    /// Labeled source to fit on.
+    pub train_data: String,
+    /// Labeled source to report on (held out).
+    pub test_data: String,
+    /// `lbfgs` (default) or `sgd`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// L2 penalty on the weights (default 1e-4; features are standardized first).
+    #[serde(default = "l2")]
+    pub l2: f64,
+    /// L-BFGS iterations at most (default 500).
+    #[serde(default = "max_iter")]
+    pub max_iter: usize,
+    /// Standardize features with the training split's mean and std (default true).
+    #[serde(default = "yes")]
+    pub standardize: bool,
+    /// `sgd`: epochs (default 90), learning rate at batch 256 (default 0.1), batch size (default 256).
+    #[serde(default = "ninety")]
+    pub epochs: usize,
+    #[serde(default = "lr")]
+    pub lr: f64,
+    #[serde(default = "batch")]
+    pub batch_size: usize,
+    /// Also report kNN accuracy on the same features (default true).
+    #[serde(default = "yes")]
+    pub knn: bool,
+    /// kNN neighbours (default 200) and temperature (default 0.1).
+    #[serde(default = "k")]
+    pub k: usize,
+    #[serde(default = "temperature")]
+    pub temperature: f64,
+    #[serde(default)]
+    pub transform: EvalTransform,
+}
+
+fn l2() -> f64 {
+    1e-4
+}
+fn max_iter() -> usize {
+    500
+}
+fn yes() -> bool {
+    true
+}
+fn ninety() -> usize {
+    90
+}
+fn lr() -> f64 {
+    0.1
+}
+fn batch() -> usize {
+    256
+}
+fn k() -> usize {
+    200
+}
+fn temperature() -> f64 {
+    0.1
+}
+
+fn check_knn(k: usize, t: f64, out: &mut Vec<Problem>) {
+    if k == 0 {
+        out.push(Problem::new("k", "`k` must be at least 1", "e.g. `k: 200`"));
+    }
+    if !(t.is_finite() && t > 0.0) {
+        out.push(Problem::new("temperature", "`temperature` must be positive", "e.g. `temperature: 0.1`"));
+    }
+}
+
+impl StageConfig for LinearEval {
+    const KIND: &'static str = "linear_eval";
+    const ABOUT: &'static str = "task: linear classifier on frozen features (L-BFGS or SGD), top-1/top-5";
+    const ROLE: Role = Role::Task;
+    fn ports(&self) -> (PortType, PortType) {
+        (PortType::Nothing, PortType::Nothing)
+    }
+    fn refs(&self) -> Vec<StageRef> {
+        let mut r: Vec<StageRef> = self.encoders.iter().map(|e| encoder_ref("encoders", e)).collect();
+        r.push(data_ref("train_data", &self.train_data));
+        r.push(data_ref("test_data", &self.test_data));
+        r
+    }
+    fn check(&self, _cx: &Context, out: &mut Vec<Problem>) {
+        if self.encoders.is_empty() {
+            out.push(Problem::new("encoders", "no encoders to evaluate", "e.g. `encoders: [train, random]`"));
+        }
+        if !(self.l2.is_finite() && self.l2 >= 0.0) {
+            out.push(Problem::new("l2", "`l2` must be zero or positive", "e.g. `l2: 1e-4`"));
+        }
+        if self.max_iter == 0 || self.epochs == 0 || self.batch_size == 0 {
+            out.push(Problem::new(
+                "",
+                "`max_iter`, `epochs` and `batch_size` must be at least 1",
+                "raise them",
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            out.push(Problem::new("lr", "`lr` must be positive", "e.g. `lr: 0.1`"));
+        }
+        check_knn(self.k, self.temperature, out);
+        out.extend(self.transform.problems("transform"));
+    }
+    fn build(&self, cx: &Context) -> Result<Stage, StageError> {
+        Ok(Stage::Task(Box::new(EvalTask { cfg: Eval::Linear(self.clone()), cx: cx.clone() })))
+    }
+}
+
+/// `knn_eval`: weighted kNN (cosine similarity) on frozen features of each encoder.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KnnEval {
+    pub encoders: Vec<String>,
+    pub train_data: String,
+    pub test_data: String,
+    /// Neighbours (default 200).
+    #[serde(default = "k")]
+    pub k: usize,
+    /// Vote weight exp(similarity / temperature) (default 0.1).
+    #[serde(default = "temperature")]
+    pub temperature: f64,
+    #[serde(default)]
+    pub transform: EvalTransform,
+}
+
+impl StageConfig for KnnEval {
+    const KIND: &'static str = "knn_eval";
+    const ABOUT: &'static str = "task: weighted kNN on frozen features (k 200, temperature 0.1)";
+    const ROLE: Role = Role::Task;
+    fn ports(&self) -> (PortType, PortType) {
+        (PortType::Nothing, PortType::Nothing)
+    }
+    fn refs(&self) -> Vec<StageRef> {
+        let mut r: Vec<StageRef> = self.encoders.iter().map(|e| encoder_ref("encoders", e)).collect();
+        r.push(data_ref("train_data", &self.train_data));
+        r.push(data_ref("test_data", &self.test_data));
+        r
+    }
+    fn check(&self, _cx: &Context, out: &mut Vec<Problem>) {
+        if self.encoders.is_empty() {
+            out.push(Problem::new("encoders", "no encoders to evaluate", "e.g. `encoders: [train]`"));
+        }
+        check_knn(self.k, self.temperature, out);
+        out.extend(self.transform.problems("transform"));
+    }
+    fn build(&self, cx: &Context) -> Result<Stage, StageError> {
+        Ok(Stage::Task(Box::new(EvalTask { cfg: Eval::Knn(self.clone()), cx: cx.clone() })))
+    }
+}
+
+enum Eval {
+    Linear(LinearEval),
+    Knn(KnnEval),
+}
+
+struct EvalTask {
+    cfg: Eval,
+    cx: Context,
+}
+
+/// Classes seen in either split.
+fn classes(a: &Features, b: &Features) -> usize {
+    a.y.iter().chain(&b.y).copied().max().map_or(0, |m| m as usize + 1)
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    v.as_object().cloned().unwrap_or_default()
+}
+
+impl Task for EvalTask {
+    fn run(&mut self) -> Result<(), StageError> {
+        let cx = &self.cx;
+        let (encoders, train_id, test_id, t) = match &self.cfg {
+            Eval::Linear(c) => (&c.encoders, &c.train_data, &c.test_data, &c.transform),
+            Eval::Knn(c) => (&c.encoders, &c.train_data, &c.test_data, &c.transform),
+        };
+        let dataset = source_of(cx, "train_data", train_id)?.kind.clone();
+        for id in encoders {
+            let method = encoder_of(cx, "encoders", id)?.method.clone();
+            let train = cached_features(cx, id, train_id, "train_data", t)?;
+            let test = cached_features(cx, id, test_id, "test_data", t)?;
+            let n_classes = classes(&train, &test);
+            let mut metrics = Map::new();
+            match &self.cfg {
+                Eval::Linear(c) => {
+                    let start = Instant::now();
+                    let (tr, te) = if c.standardize {
+                        let s = Standardizer::fit(&train);
+                        (s.apply(&train), s.apply(&test))
+                    } else {
+                        ((*train).clone(), (*test).clone())
+                    };
+                    let (model, rep) = match c.protocol {
+                        Protocol::Lbfgs => fit_lbfgs(&tr, n_classes, c.l2, c.max_iter, 1e-6),
+                        Protocol::Sgd => {
+                            let lr = c.lr * c.batch_size as f64 / 256.0;
+                            fit_sgd(&tr, n_classes, c.l2, lr, c.epochs, c.batch_size, cx.seed)
+                        }
+                    };
+                    let (top1, top5) = model.accuracy(&te);
+                    let (train_top1, _) = model.accuracy(&tr);
+                    tracing::info!(
+                        "'{}': {method} ('{id}') linear top-1 {top1:.2}% (train {train_top1:.2}%), {} iterations, {:.1} s",
+                        cx.stage_id,
+                        rep.iterations,
+                        start.elapsed().as_secs_f64()
+                    );
+                    metrics.extend(obj(json!({
+                        "linear_top1": top1, "linear_top5": top5, "linear_train_top1": train_top1,
+                    })));
+                    if c.knn {
+                        let (k1, k5) = knn_accuracy(&train, &test, n_classes, c.k, c.temperature);
+                        metrics.extend(obj(json!({"knn_top1": k1, "knn_top5": k5})));
+                    }
+                }
+                Eval::Knn(c) => {
+                    let (k1, k5) = knn_accuracy(&train, &test, n_classes, c.k, c.temperature);
+                    tracing::info!("'{}': {method} ('{id}') kNN top-1 {k1:.2}%", cx.stage_id);
+                    metrics.extend(obj(json!({"knn_top1": k1, "knn_top5": k5})));
+                }
+            }
+            cx.artifacts.record(&method, metrics.clone());
+            cx.artifacts.push(
+                "evals",
+                json!({
+                    "stage": cx.stage_id, "encoder": id, "method": method, "dataset": dataset,
+                    "train_data": train_id, "test_data": test_id, "train_size": train.len(),
+                    "test_size": test.len(), "classes": n_classes, "feature_dim": train.dim,
+                    "metrics": metrics,
+                }),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `extract_features`: runs a frozen encoder over a labeled source with the evaluation transform
+/// and writes `features-<id>.safetensors` (features N x dim, labels N) in the run directory.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExtractFeatures {
+    pub encoder: String,
+    pub data: String,
+    #[serde(default)]
+    pub transform: EvalTransform,
+}
+
+impl StageConfig for ExtractFeatures {
+    const KIND: &'static str = "extract_features";
+    const ABOUT: &'static str = "task: frozen-encoder features of a labeled source, cached and saved";
+    const ROLE: Role = Role::Task;
+    fn ports(&self) -> (PortType, PortType) {
+        (PortType::Nothing, PortType::Nothing)
+    }
+    fn refs(&self) -> Vec<StageRef> {
+        vec![encoder_ref("encoder", &self.encoder), data_ref("data", &self.data)]
+    }
+    fn check(&self, _cx: &Context, out: &mut Vec<Problem>) {
+        out.extend(self.transform.problems("transform"));
+    }
+    fn build(&self, cx: &Context) -> Result<Stage, StageError> {
+        Ok(Stage::Task(Box::new(ExtractTask { cfg: self.clone(), cx: cx.clone() })))
+    }
+}
+
+struct ExtractTask {
+    cfg: ExtractFeatures,
+    cx: Context,
+}
+
+impl Task for ExtractTask {
+    fn run(&mut self) -> Result<(), StageError> {
+        let f = cached_features(&self.cx, &self.cfg.encoder, &self.cfg.data, "data", &self.cfg.transform)?;
+        let Some(dir) = &self.cx.run_dir else { return Ok(()) };
+        let path = dir.join(format!("features-{}.safetensors", self.cx.stage_id));
+        let tensors = [
+            NamedTensor {
+                name: "features".into(),
+                shape: vec![f.len(), f.dim],
+                data: Data::F32(f.x.clone()),
+            },
+            NamedTensor {
+                name: "labels".into(),
+                shape: vec![f.len()],
+                data: Data::I64(f.y.iter().map(|&y| i64::from(y)).collect()),
+            },
+        ];
+        let meta =
+            [("encoder".to_string(), self.cfg.encoder.clone()), ("data".to_string(), self.cfg.data.clone())]
+                .into_iter()
+                .collect();
+        write_safetensors(&path, &tensors, &meta)
+            .map_err(|e| StageError::fatal(format!("cannot write {}: {e}", path.display())))?;
+        tracing::info!("wrote {}", path.display());
+        Ok(())
+    }
+}
