@@ -86,7 +86,15 @@ pub fn build_chain(
 pub fn run_plan(plan: &Plan, opts: &RunOptions, mode: Mode) -> Result<Vec<(Chain, RunReport)>, RunError> {
     let mut out = Vec::new();
     for chain in plan.chains() {
-        let stages = build_chain(plan, &chain, mode, opts.run_dir.as_deref())?;
+        let mut stages = build_chain(plan, &chain, mode, opts.run_dir.as_deref())?;
+        if opts.resume {
+            let (info, sink) = &mut stages.sink;
+            sink.resume().map_err(|e| RunError::Stage {
+                stage: info.id.clone(),
+                kind: info.kind.clone(),
+                message: e.to_string(),
+            })?;
+        }
         let report = run_chain(stages, opts)?;
         out.push((chain, report));
     }

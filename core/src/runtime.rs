@@ -71,6 +71,9 @@ pub struct RunOptions {
     pub progress_total: Arc<AtomicU64>,
     /// The run directory stages write into (metrics, checkpoints).
     pub run_dir: Option<std::path::PathBuf>,
+    /// Continue the run in `run_dir`: sinks restore their state ([`Sink::resume`]) and the
+    /// data starts at the first sink's [`Sink::start_epoch`].
+    pub resume: bool,
 }
 
 impl Default for RunOptions {
@@ -87,6 +90,7 @@ impl Default for RunOptions {
             progress: Arc::new(AtomicU64::new(0)),
             progress_total: Arc::new(AtomicU64::new(0)),
             run_dir: None,
+            resume: false,
         }
     }
 }
@@ -242,7 +246,9 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
         (None, Some(_)) => 0,
         (None, None) => sink.epochs(),
     };
-    let total = (per_epoch * u64::from(epochs)).min(opts.max_samples.unwrap_or(u64::MAX));
+    // A resumed sink starts later; epochs keep their absolute numbers (they key the randomness).
+    let first_epoch = sink.start_epoch().min(epochs);
+    let total = (per_epoch * u64::from(epochs - first_epoch)).min(opts.max_samples.unwrap_or(u64::MAX));
     let threads = opts.threads.max(1);
     opts.progress_total.fetch_add(total, Ordering::Relaxed);
 
@@ -306,7 +312,7 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
         spawn(&mut handles, &shared2, "feeder", move || {
             let mut seq = 0u64;
             let mut emitted = 0u64;
-            'epochs: for epoch in 0..epochs {
+            'epochs: for epoch in first_epoch..epochs {
                 let mut order = epoch_order(len, &src_opts, seed, epoch, &source_id);
                 loop {
                     let room = total - emitted;
@@ -420,6 +426,12 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
         return Err(e);
     }
     if opts.interrupt.load(Ordering::SeqCst) {
+        // Let the sink save what it can (a training checkpoint) before reporting the interrupt.
+        sink.interrupted().map_err(|e| RunError::Stage {
+            stage: sink_info.id.clone(),
+            kind: sink_info.kind.clone(),
+            message: format!("interrupted, and then: {e}"),
+        })?;
         return Err(RunError::Interrupted);
     }
     let t = Instant::now();

@@ -1,5 +1,8 @@
 //! The `simclr_train` stage: a sink that trains on each incoming batch of view pairs, logs
-//! `metrics.jsonl` and saves `encoder.safetensors` in the run directory.
+//! `metrics.jsonl` and saves `encoder.safetensors` and `checkpoint.safetensors` in the run
+//! directory (checkpoints and resuming: [`resume`]).
+
+mod resume;
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -29,7 +32,9 @@ impl StageConfig for SimclrTrain {
             return Err(StageError::fatal(format!("{} ({})", p.message, p.fix)));
         }
         let engine = make_engine(self, cx.seed).map_err(StageError::fatal)?;
-        Ok(Stage::Sink(Box::new(TrainSink::new(self.clone(), engine, cx.run_dir.clone()))))
+        let mut sink = TrainSink::new(self.clone(), engine, cx.run_dir.clone());
+        (sink.ckpt.seed, sink.ckpt.stage) = (cx.seed, cx.stage_id.clone());
+        Ok(Stage::Sink(Box::new(sink)))
     }
 }
 
@@ -55,14 +60,14 @@ pub struct TrainSink {
     metrics: Option<BufWriter<File>>,
     /// Global step index (0-based) of the next step.
     step: u64,
-    /// The epoch (as carried by the samples) being trained, and how many epochs have been seen.
+    /// The epoch (as carried by the samples) being trained.
     epoch: Option<u32>,
-    epochs_seen: u32,
     /// Batches per epoch: configured, or counted in the first epoch.
     steps_per_epoch: Option<u64>,
     base_lr: Option<f64>,
     sums: EpochSums,
     last_end: Option<Instant>,
+    ckpt: resume::CkptState,
 }
 
 impl TrainSink {
@@ -75,11 +80,11 @@ impl TrainSink {
             metrics: None,
             step: 0,
             epoch: None,
-            epochs_seen: 0,
             steps_per_epoch,
             base_lr: None,
             sums: EpochSums::default(),
             last_end: None,
+            ckpt: resume::CkptState::default(),
         }
     }
 
@@ -171,9 +176,9 @@ impl Sink for TrainSink {
                 if self.steps_per_epoch.is_none() {
                     self.steps_per_epoch = Some(self.step.max(1));
                 }
+                self.epoch_completed(false)?;
             }
             self.epoch = Some(sample.epoch);
-            self.epochs_seen += 1;
             self.sums.started = Some(start);
         }
         let base = *self.base_lr.get_or_insert_with(|| base_lr(&self.cfg.optimizer, n));
@@ -223,13 +228,26 @@ impl Sink for TrainSink {
 
     fn finish(&mut self) -> Result<(), StageError> {
         self.end_epoch()?;
+        self.epoch_completed(true)?;
         self.epoch = None;
         if let Some(dir) = &self.run_dir {
             let path = dir.join("encoder.safetensors");
-            let meta = checkpoint_metadata(&self.cfg, self.engine.steps(), self.epochs_seen);
+            let meta = checkpoint_metadata(&self.cfg, self.engine.steps(), self.ckpt.epochs_done);
             write_safetensors(&path, &self.engine.encoder_tensors(), &meta)
                 .map_err(|e| StageError::fatal(format!("cannot write {}: {e}", path.display())))?;
         }
         Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), StageError> {
+        self.resume_from_dir()
+    }
+
+    fn start_epoch(&self) -> u32 {
+        self.ckpt.start_epoch
+    }
+
+    fn interrupted(&mut self) -> Result<(), StageError> {
+        self.save_on_interrupt()
     }
 }
