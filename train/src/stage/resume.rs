@@ -230,8 +230,11 @@ mod tests {
         }
     }
 
+    /// (step or epoch, loss) of metrics lines.
+    type Losses = Vec<(u64, f64)>;
+
     /// (step, loss) of every step line and (epoch, loss) of every epoch line.
-    fn losses(dir: &std::path::Path) -> (Vec<(u64, f64)>, Vec<(u64, f64)>) {
+    fn losses(dir: &std::path::Path) -> (Losses, Losses) {
         let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
         let (mut steps, mut epochs) = (Vec::new(), Vec::new());
         for l in text.lines() {
