@@ -35,30 +35,21 @@ const META_KEY: &str = "simclr_checkpoint";
 /// Bumped when the layout changes.
 pub const VERSION: u32 = 1;
 
-/// Why a checkpoint could not be read, written or used.
-#[derive(Debug, PartialEq, Eq)]
+/// Why a checkpoint could not be read, written or used. Each message names the file and the fix.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CheckpointError {
     /// No checkpoint file.
+    #[error("{0}")]
     Missing(String),
     /// Unreadable, corrupt, or not a simclr checkpoint.
+    #[error("{0}")]
     Corrupt(String),
     /// Made by a model of another shape, or another training config.
+    #[error("{0}")]
     Mismatch(String),
+    #[error("{0}")]
     Io(String),
 }
-
-impl std::fmt::Display for CheckpointError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CheckpointError::Missing(m)
-            | CheckpointError::Corrupt(m)
-            | CheckpointError::Mismatch(m)
-            | CheckpointError::Io(m) => f.write_str(m),
-        }
-    }
-}
-
-impl std::error::Error for CheckpointError {}
 
 /// The training position and what made the checkpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -146,7 +146,7 @@ impl Sink for TrainSink {
     }
 
     fn consume(&mut self, sample: Sample) -> Result<(), StageError> {
-        let start = Instant::now();
+        let mut start = Instant::now();
         let data_wait_s = self.last_end.map_or(0.0, |t| start.duration_since(t).as_secs_f64());
         let Payload::Batch(batch) = &sample.payload else {
             return Err(StageError::fatal("`simclr_train` needs batches; put a `batch` stage before it"));
@@ -177,6 +177,8 @@ impl Sink for TrainSink {
                     self.steps_per_epoch = Some(self.step.max(1));
                 }
                 self.epoch_completed(false)?;
+                // The checkpoint's time is neither data wait nor step time.
+                start = Instant::now();
             }
             self.epoch = Some(sample.epoch);
             self.sums.started = Some(start);
