@@ -64,8 +64,12 @@ enum Command {
         #[command(flatten)]
         common: Common,
         /// Run directory [default: runs/<name>/<timestamp>].
-        #[arg(long)]
+        #[arg(long, conflicts_with = "resume")]
         out: Option<PathBuf>,
+        /// Continue the run in DIR from its checkpoint (give the same FILE and --set options
+        /// it started with).
+        #[arg(long, value_name = "DIR")]
+        resume: Option<PathBuf>,
     },
     /// Run the embedded demo pipeline.
     Demo {
@@ -239,9 +243,14 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             print!("{}", crate::graph_text(&plan, matches!(format, GraphFormat::Mermaid)));
             Ok(())
         }
-        Command::Run { file, common, out } => {
+        Command::Run { file, common, out, resume: None } => {
             let plan = load(&file, &common.set, common.seed)?;
             run(&plan, &common, out)
+        }
+        Command::Run { file, common, resume: Some(dir), .. } => {
+            let plan = load(&file, &common.set, common.seed)?;
+            check_resume(&plan, &file, &dir)?;
+            run_in(&plan, &common, dir, true)
         }
         Command::Demo { common, out } => {
             let plan = load_str(Path::new("pipelines/demo.yaml"), DEMO, &common.set, common.seed)?;
@@ -329,16 +338,37 @@ fn with_progress<T>(opts: &RunOptions, f: impl FnOnce() -> T) -> T {
 }
 
 fn run(plan: &Plan, common: &Common, out: Option<PathBuf>) -> Result<(), Failure> {
-    let mut opts = options(plan, common);
     let dir = out.unwrap_or_else(|| PathBuf::from("runs").join(&plan.spec.name).join(crate::timestamp()));
+    run_in(plan, common, dir, false)
+}
+
+/// Runs `plan` in `dir`: a new run, or (`resume`) the continuation of the one there.
+fn run_in(plan: &Plan, common: &Common, dir: PathBuf, resume: bool) -> Result<(), Failure> {
+    let mut opts = options(plan, common);
     opts.run_dir = Some(dir.clone());
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
-    let resolved = plan.spec.doc.value.to_json();
-    // JSON is YAML: the resolved pipeline (overrides applied) can be run again as is.
-    std::fs::write(dir.join("pipeline.yaml"), serde_json::to_string_pretty(&resolved).unwrap_or_default())
+    opts.resume = resume;
+    if !resume {
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
+        let resolved = plan.spec.doc.value.to_json();
+        // JSON is YAML: the resolved pipeline (overrides applied) can be run again as is.
+        std::fs::write(
+            dir.join("pipeline.yaml"),
+            serde_json::to_string_pretty(&resolved).unwrap_or_default(),
+        )
         .with_context(|| format!("cannot write into {}", dir.display()))?;
-    let reports = with_progress(&opts, || run_plan(plan, &opts, Mode::Full))?;
+    }
+    let reports = match with_progress(&opts, || run_plan(plan, &opts, Mode::Full)) {
+        Err(RunError::Interrupted) if dir.join(simclr_train::checkpoint::FILE).is_file() => {
+            eprintln!(
+                "checkpoint saved in {}: continue with `simclr run FILE --resume {}` (same FILE and --set options)",
+                dir.display(),
+                dir.display()
+            );
+            return Err(Failure::Interrupted);
+        }
+        r => r?,
+    };
     for (_, r) in &reports {
         print_report(r);
     }
@@ -360,6 +390,78 @@ fn run(plan: &Plan, common: &Common, out: Option<PathBuf>) -> Result<(), Failure
         .with_context(|| format!("cannot write into {}", dir.display()))?;
     println!("run directory: {}", dir.display());
     Ok(())
+}
+
+/// Fields that may differ between a run and its resumption (they do not change the results).
+const RESUME_FREE: [&str; 3] = ["device", "log_every", "checkpoint_every"];
+
+/// Before `--resume DIR`: DIR is a run directory with a checkpoint, and FILE (with its --set
+/// options) is the pipeline it was started with.
+fn check_resume(plan: &Plan, file: &Path, dir: &Path) -> Result<(), Failure> {
+    let saved_path = dir.join("pipeline.yaml");
+    let text = std::fs::read_to_string(&saved_path).map_err(|e| {
+        Failure::Invalid(format!(
+            "--resume {}: cannot read {} ({e}): give the directory of an earlier `simclr run`",
+            dir.display(),
+            saved_path.display()
+        ))
+    })?;
+    let saved: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        Failure::Invalid(format!(
+            "{}: {e} (it is written by `simclr run`; do not edit it)",
+            saved_path.display()
+        ))
+    })?;
+    let mut diffs = Vec::new();
+    json_diff(&saved, &plan.spec.doc.value.to_json(), "", &mut diffs);
+    if !diffs.is_empty() {
+        diffs.truncate(5);
+        return Err(Failure::Invalid(format!(
+            "--resume {}: {} (with its --set options) is not the pipeline the run started with ({}): {};              resume with the same file and options (only {} may change)",
+            dir.display(),
+            file.display(),
+            saved_path.display(),
+            diffs.join("; "),
+            RESUME_FREE.join(", ")
+        )));
+    }
+    let ckpt = dir.join(simclr_train::checkpoint::FILE);
+    if !ckpt.is_file() {
+        return Err(Failure::Invalid(format!(
+            "--resume {}: no {} there: the run stopped before its first checkpoint (the end of its              first epoch), so there is nothing to resume; start it again without --resume",
+            dir.display(),
+            simclr_train::checkpoint::FILE
+        )));
+    }
+    Ok(())
+}
+
+/// Where two resolved pipelines differ (`stages.3.size: 32 then, 64 now`), ignoring the
+/// fields in [`RESUME_FREE`].
+fn json_diff(then: &serde_json::Value, now: &serde_json::Value, at: &str, out: &mut Vec<String>) {
+    use serde_json::Value;
+    let key = |k: &str| if at.is_empty() { k.to_string() } else { format!("{at}.{k}") };
+    match (then, now) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys.into_iter().filter(|k| !RESUME_FREE.contains(&k.as_str())) {
+                json_diff(a.get(k).unwrap_or(&Value::Null), b.get(k).unwrap_or(&Value::Null), &key(k), out);
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                // Name stages by their id rather than their index.
+                let name = y.get("id").and_then(Value::as_str).map_or_else(|| i.to_string(), str::to_string);
+                json_diff(x, y, &key(&name), out);
+            }
+        }
+        (a, b) if a != b => {
+            out.push(format!("`{}`: {a} then, {b} now", if at.is_empty() { "." } else { at }))
+        }
+        _ => {}
+    }
 }
 
 fn print_report(r: &RunReport) {

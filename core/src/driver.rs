@@ -178,7 +178,15 @@ pub fn run_plan(plan: &Plan, opts: &RunOptions, mode: Mode) -> Result<Vec<(Chain
         }
         match unit {
             Unit::Chain(chain) => {
-                let stages = build_chain(plan, &chain, mode, opts.run_dir.as_deref(), &opts.artifacts)?;
+                let mut stages = build_chain(plan, &chain, mode, opts.run_dir.as_deref(), &opts.artifacts)?;
+                if opts.resume {
+                    let (info, sink) = &mut stages.sink;
+                    sink.resume().map_err(|e| RunError::Stage {
+                        stage: info.id.clone(),
+                        kind: info.kind.clone(),
+                        message: e.to_string(),
+                    })?;
+                }
                 let report = run_chain(stages, opts)?;
                 out.push((chain, report));
             }

@@ -73,6 +73,9 @@ pub struct RunOptions {
     pub run_dir: Option<std::path::PathBuf>,
     /// What stages hand to later stages (encoders, evaluation data, final metrics).
     pub artifacts: crate::artifact::Artifacts,
+    /// Continue the run in `run_dir`: sinks restore their state ([`Sink::resume`]) and the
+    /// data starts at the first sink's [`Sink::start_epoch`].
+    pub resume: bool,
 }
 
 impl Default for RunOptions {
@@ -90,6 +93,7 @@ impl Default for RunOptions {
             progress_total: Arc::new(AtomicU64::new(0)),
             run_dir: None,
             artifacts: crate::artifact::Artifacts::default(),
+            resume: false,
         }
     }
 }
@@ -245,7 +249,9 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
         (None, Some(_)) => 0,
         (None, None) => sink.epochs(),
     };
-    let total = (per_epoch * u64::from(epochs)).min(opts.max_samples.unwrap_or(u64::MAX));
+    // A resumed sink starts later; epochs keep their absolute numbers (they key the randomness).
+    let first_epoch = sink.start_epoch().min(epochs);
+    let total = (per_epoch * u64::from(epochs - first_epoch)).min(opts.max_samples.unwrap_or(u64::MAX));
     let threads = opts.threads.max(1);
     opts.progress_total.fetch_add(total, Ordering::Relaxed);
 
@@ -309,7 +315,7 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
         spawn(&mut handles, &shared2, "feeder", move || {
             let mut seq = 0u64;
             let mut emitted = 0u64;
-            'epochs: for epoch in 0..epochs {
+            'epochs: for epoch in first_epoch..epochs {
                 let mut order = epoch_order(len, &src_opts, seed, epoch, &source_id);
                 loop {
                     let room = total - emitted;
@@ -423,6 +429,12 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
         return Err(e);
     }
     if opts.interrupt.load(Ordering::SeqCst) {
+        // Let the sink save what it can (a training checkpoint) before reporting the interrupt.
+        sink.interrupted().map_err(|e| RunError::Stage {
+            stage: sink_info.id.clone(),
+            kind: sink_info.kind.clone(),
+            message: format!("interrupted, and then: {e}"),
+        })?;
         return Err(RunError::Interrupted);
     }
     let t = Instant::now();

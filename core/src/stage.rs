@@ -147,6 +147,21 @@ pub trait Sink: Send {
     fn finish(&mut self) -> Result<(), StageError> {
         Ok(())
     }
+    /// Asked once before the run when it continues an earlier one (`simclr run --resume`):
+    /// restore the saved state from the run directory. Stages without state rerun from scratch.
+    fn resume(&mut self) -> Result<(), StageError> {
+        Ok(())
+    }
+    /// The first epoch to feed (0 unless [`Sink::resume`] restored a later position); the
+    /// runtime runs epochs `start_epoch()..epochs()`, each keyed by its absolute number.
+    fn start_epoch(&self) -> u32 {
+        0
+    }
+    /// Called instead of [`Sink::finish`] when the run was interrupted (Ctrl-C): save what can
+    /// be resumed.
+    fn interrupted(&mut self) -> Result<(), StageError> {
+        Ok(())
+    }
 }
 
 /// Groups consecutive samples; sees them in dataset order.

@@ -113,33 +113,54 @@ pub fn write_safetensors(
 
 /// Reads a safetensors file written by [`write_safetensors`] (F32 and I64 only; for tests and tools).
 pub fn read_safetensors(path: &Path) -> Result<Vec<NamedTensor>, String> {
+    read_safetensors_with_metadata(path).map(|(t, _)| t)
+}
+
+/// Reads a safetensors file written by [`write_safetensors`]: its tensors and its `__metadata__`.
+/// Every length and offset is checked, so a truncated or corrupt file is an error, not a panic.
+pub fn read_safetensors_with_metadata(
+    path: &Path,
+) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>), String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let n =
-        u64::from_le_bytes(bytes.get(..8).ok_or("truncated")?.try_into().map_err(|_| "truncated")?) as usize;
+    let head: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or("truncated")?;
+    let n = usize::try_from(u64::from_le_bytes(head)).map_err(|_| "header length out of range")?;
+    let end = n.checked_add(8).filter(|&e| e <= bytes.len()).ok_or("truncated header")?;
     let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(bytes.get(8..8 + n).ok_or("truncated header")?).map_err(|e| e.to_string())?;
-    let data = &bytes[8 + n..];
+        serde_json::from_slice(&bytes[8..end]).map_err(|e| format!("header: {e}"))?;
+    let data = &bytes[end..];
     let mut out = Vec::new();
+    let mut metadata = BTreeMap::new();
     for (name, v) in header {
         if name == "__metadata__" {
+            metadata = serde_json::from_value(v).map_err(|e| format!("__metadata__: {e}"))?;
             continue;
         }
-        let shape: Vec<usize> = serde_json::from_value(v["shape"].clone()).map_err(|e| e.to_string())?;
-        let [a, b]: [usize; 2] =
-            serde_json::from_value(v["data_offsets"].clone()).map_err(|e| e.to_string())?;
+        let shape: Vec<usize> =
+            serde_json::from_value(v["shape"].clone()).map_err(|e| format!("{name}: shape: {e}"))?;
+        let [a, b]: [usize; 2] = serde_json::from_value(v["data_offsets"].clone())
+            .map_err(|e| format!("{name}: data_offsets: {e}"))?;
         let raw = data.get(a..b).ok_or_else(|| format!("{name}: offsets out of range"))?;
         let data = match v["dtype"].as_str() {
             Some("F32") => {
-                Data::F32(raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+                Data::F32(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
             }
-            Some("I64") => {
-                Data::I64(raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect())
-            }
+            Some("I64") => Data::I64(
+                raw.chunks_exact(8)
+                    .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                    .collect(),
+            ),
             other => return Err(format!("{name}: unsupported dtype {other:?}")),
         };
+        let len = match &data {
+            Data::F32(v) => v.len(),
+            Data::I64(v) => v.len(),
+        };
+        if shape.iter().try_fold(1usize, |p, &d| p.checked_mul(d)) != Some(len) || raw.len() % 4 != 0 {
+            return Err(format!("{name}: {} bytes do not hold a {shape:?} tensor", raw.len()));
+        }
         out.push(NamedTensor { name, shape, data });
     }
-    Ok(out)
+    Ok((out, metadata))
 }
 
 #[cfg(test)]

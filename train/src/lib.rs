@@ -6,8 +6,10 @@
 //! - [`loss`]: NT-Xent, NT-Logistic, margin triplet, contrast accuracy and entropy.
 //! - [`optim`]: LARS, SGD, AdamW and the warmup + cosine schedule.
 //! - [`export`]: `encoder.safetensors` (torchvision names).
+//! - [`checkpoint`]: `checkpoint.safetensors` (model, optimizer and schedule state) for resuming.
 //! - [`stage`]: the sink, its metrics and checkpoint files.
 
+pub mod checkpoint;
 pub mod config;
 pub mod eval;
 pub mod export;

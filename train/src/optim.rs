@@ -86,6 +86,22 @@ impl<B: Backend> Optimizer<B> {
         Self { cfg: cfg.clone(), state: HashMap::new(), steps: 0 }
     }
 
+    /// The per-parameter state (momentum, Adam moments), for checkpoints.
+    pub fn state(&self) -> &HashMap<ParamId, Vec<Tensor<B, 1>>> {
+        &self.state
+    }
+
+    /// Updates done (AdamW's bias correction counts them).
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Replaces the state and step count (a checkpoint being loaded).
+    pub fn restore(&mut self, state: HashMap<ParamId, Vec<Tensor<B, 1>>>, steps: u64) {
+        self.state = state;
+        self.steps = steps;
+    }
+
     /// Applies one update with learning rate `lr` to every parameter of `module` that has a gradient.
     pub fn step<AB, M>(&mut self, module: M, mut grads: GradientsParams, lr: f64) -> M
     where

@@ -1,5 +1,8 @@
 //! The `simclr_train` stage: a sink that trains on each incoming batch of view pairs, logs
-//! `metrics.jsonl` and saves `encoder.safetensors` in the run directory.
+//! `metrics.jsonl` and saves `encoder.safetensors` and `checkpoint.safetensors` in the run
+//! directory (checkpoints and resuming: [`resume`]).
+
+mod resume;
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -50,6 +53,7 @@ impl StageConfig for SimclrTrain {
         let engine = make_engine(self, cx.seed).map_err(StageError::fatal)?;
         let mut sink = TrainSink::new(self.clone(), engine, cx.run_dir.clone())
             .publishing(&cx.stage_id, cx.artifacts.clone());
+        (sink.ckpt.seed, sink.ckpt.stage) = (cx.seed, cx.stage_id.clone());
         if let Some(m) = &self.monitor {
             sink.monitor = Some(Monitor {
                 train: source_of(cx, "monitor.train_data", &m.train_data)?,
@@ -84,9 +88,8 @@ pub struct TrainSink {
     metrics: Option<BufWriter<File>>,
     /// Global step index (0-based) of the next step.
     step: u64,
-    /// The epoch (as carried by the samples) being trained, and how many epochs have been seen.
+    /// The epoch (as carried by the samples) being trained.
     epoch: Option<u32>,
-    epochs_seen: u32,
     /// Batches per epoch: configured, or counted in the first epoch.
     steps_per_epoch: Option<u64>,
     base_lr: Option<f64>,
@@ -95,6 +98,7 @@ pub struct TrainSink {
     /// Where the trained encoder goes at the end, under this stage's id (for evaluation stages).
     publish: Option<(String, Artifacts)>,
     monitor: Option<Monitor>,
+    ckpt: resume::CkptState,
 }
 
 /// The kNN monitor's data.
@@ -115,13 +119,13 @@ impl TrainSink {
             metrics: None,
             step: 0,
             epoch: None,
-            epochs_seen: 0,
             steps_per_epoch,
             base_lr: None,
             sums: EpochSums::default(),
             last_end: None,
             publish: None,
             monitor: None,
+            ckpt: resume::CkptState::default(),
         }
     }
 
@@ -186,8 +190,8 @@ impl TrainSink {
     /// kNN accuracy of the current encoder, every `monitor.every` epochs and after the last.
     fn run_monitor(&mut self, epoch: u32) -> Result<(), StageError> {
         let Some(m) = &self.monitor else { return Ok(()) };
-        let last = self.epochs_seen >= self.cfg.epochs;
-        if !(self.epochs_seen.is_multiple_of(m.cfg.every) || last) {
+        let done = epoch + 1;
+        if !(done.is_multiple_of(m.cfg.every) || done >= self.cfg.epochs) {
             return Ok(());
         }
         let t = EvalTransform::default();
@@ -212,7 +216,7 @@ impl Sink for TrainSink {
     }
 
     fn consume(&mut self, sample: Sample) -> Result<(), StageError> {
-        let start = Instant::now();
+        let mut start = Instant::now();
         let data_wait_s = self.last_end.map_or(0.0, |t| start.duration_since(t).as_secs_f64());
         let Payload::Batch(batch) = &sample.payload else {
             return Err(StageError::fatal("`simclr_train` needs batches; put a `batch` stage before it"));
@@ -242,9 +246,11 @@ impl Sink for TrainSink {
                 if self.steps_per_epoch.is_none() {
                     self.steps_per_epoch = Some(self.step.max(1));
                 }
+                self.epoch_completed(false)?;
+                // The checkpoint's time is neither data wait nor step time.
+                start = Instant::now();
             }
             self.epoch = Some(sample.epoch);
-            self.epochs_seen += 1;
             self.sums.started = Some(start);
         }
         let base = *self.base_lr.get_or_insert_with(|| base_lr(&self.cfg.optimizer, n));
@@ -294,10 +300,11 @@ impl Sink for TrainSink {
 
     fn finish(&mut self) -> Result<(), StageError> {
         self.end_epoch()?;
+        self.epoch_completed(true)?;
         self.epoch = None;
         if let Some(dir) = &self.run_dir {
             let path = dir.join("encoder.safetensors");
-            let meta = checkpoint_metadata(&self.cfg, self.engine.steps(), self.epochs_seen);
+            let meta = checkpoint_metadata(&self.cfg, self.engine.steps(), self.ckpt.epochs_done);
             write_safetensors(&path, &self.engine.encoder_tensors(), &meta)
                 .map_err(|e| StageError::fatal(format!("cannot write {}: {e}", path.display())))?;
         }
@@ -314,6 +321,18 @@ impl Sink for TrainSink {
             );
         }
         Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), StageError> {
+        self.resume_from_dir()
+    }
+
+    fn start_epoch(&self) -> u32 {
+        self.ckpt.start_epoch
+    }
+
+    fn interrupted(&mut self) -> Result<(), StageError> {
+        self.save_on_interrupt()
     }
 }
 
@@ -335,5 +354,11 @@ impl Engine for Spent {
     }
     fn device_name(&self) -> String {
         "none".into()
+    }
+    fn state_tensors(&self) -> Result<Vec<crate::export::NamedTensor>, String> {
+        Err("training already finished".into())
+    }
+    fn load_state(&mut self, _: &[crate::export::NamedTensor]) -> Result<(), String> {
+        Err("training already finished".into())
     }
 }

@@ -51,6 +51,11 @@ pub trait Engine: Send {
     fn steps(&self) -> u64;
     /// The device, in words.
     fn device_name(&self) -> String;
+    /// The whole training state (model, BatchNorm statistics, optimizer state, step counts) as
+    /// named tensors, for a checkpoint ([`crate::checkpoint`]).
+    fn state_tensors(&self) -> Result<Vec<NamedTensor>, String>;
+    /// Restores a state from [`Engine::state_tensors`]; every tensor must fit the model.
+    fn load_state(&mut self, tensors: &[NamedTensor]) -> Result<(), String>;
 }
 
 /// The generic trainer behind [`Engine`].
@@ -163,6 +168,35 @@ impl<B: AutodiffBackend> Engine for Trainer<B> {
 
     fn device_name(&self) -> String {
         format!("{:?}", self.device)
+    }
+
+    fn state_tensors(&self) -> Result<Vec<NamedTensor>, String> {
+        let run = || crate::checkpoint::state_tensors(self.model(), &self.opt, self.steps);
+        catch_unwind(AssertUnwindSafe(run))
+            .map_err(|p| format!("the {} backend failed: {}", self.device_name(), panic_message(p)))?
+    }
+
+    fn load_state(&mut self, tensors: &[NamedTensor]) -> Result<(), String> {
+        let Some(model) = self.model.take() else { return Err("the model is missing".into()) };
+        let backup = model.clone();
+        let device = self.device.clone();
+        let opt = &mut self.opt;
+        let run = move || crate::checkpoint::load_state(model, opt, tensors, &device);
+        match catch_unwind(AssertUnwindSafe(run)) {
+            Ok(Ok((model, steps))) => {
+                self.model = Some(model);
+                self.steps = steps;
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.model = Some(backup);
+                Err(e)
+            }
+            Err(p) => {
+                self.model = Some(backup);
+                Err(format!("the {} backend failed: {}", self.device_name(), panic_message(p)))
+            }
+        }
     }
 }
 
