@@ -28,7 +28,8 @@ fn fixtures(dir: &Path) -> (PathBuf, PathBuf) {
         bytes.push((r % 10) as u8);
         bytes.extend((0..3072u32).map(|i| (i.wrapping_mul(31) ^ r.wrapping_mul(97)) as u8));
     }
-    std::fs::write(cifar.join("data_batch_1.bin"), bytes).unwrap();
+    std::fs::write(cifar.join("data_batch_1.bin"), &bytes).unwrap();
+    std::fs::write(cifar.join("test_batch.bin"), bytes).unwrap();
     (jpeg, cifar)
 }
 
@@ -45,6 +46,19 @@ fn digest(file: &Path, sets: &[String], threads: &str) -> String {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["samples"].as_u64().unwrap() > 0);
     v["digest"].as_str().unwrap().to_string()
+}
+
+/// `--set ID.path=...` for every `image_folder` and `cifar10` source of `file`.
+fn fixture_sets(file: &Path, jpeg: &Path, cifar: &Path) -> Vec<String> {
+    let spec = simclr_core::spec::load(file, &[]).unwrap();
+    spec.stages
+        .iter()
+        .filter_map(|s| match s.kind.value.as_str() {
+            "image_folder" => Some(format!("{}.path={}", s.id.value, jpeg.display())),
+            "cifar10" => Some(format!("{}.path={}", s.id.value, cifar.display())),
+            _ => None,
+        })
+        .collect()
 }
 
 #[test]
@@ -66,18 +80,61 @@ fn shipped_pipelines_validate_and_are_deterministic() {
             continue;
         }
         let text = std::fs::read_to_string(&file).unwrap();
-        // Point file-based sources (stage id `data`) at the fixtures.
-        let sets: Vec<String> = if text.contains("kind: image_folder") {
-            vec![format!("data.path={}", jpeg.display())]
-        } else if text.contains("kind: cifar10") {
-            vec![format!("data.path={}", cifar.display())]
-        } else {
-            vec![]
-        };
+        // Point every file-based source at the fixtures.
+        let sets = fixture_sets(&file, &jpeg, &cifar);
         let mut validate = Command::cargo_bin("simclr").unwrap();
         validate.arg("validate").arg(&file).args(sets.iter().flat_map(|s| ["--set", s.as_str()]));
         validate.assert().success();
         let one = digest(&file, &sets, "1");
         assert_eq!(one, digest(&file, &sets, "2"), "{}", file.display());
+    }
+}
+
+/// The paper-scale pipelines run end to end (training, baselines, linear evaluation) on the
+/// fixtures, shrunk by overrides to a few seconds.
+#[test]
+fn cifar10_and_imagenet_pipelines_run_on_tiny_fixtures() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (jpeg, cifar) = fixtures(tmp.path());
+    let tiny = [
+        "train.backbone=resnet18",
+        "train.width=0.0625",
+        "train.epochs=1",
+        "train.warmup_epochs=0",
+        "batch.batch_size=8",
+    ];
+    for (file, extra) in [
+        (
+            "pipelines/cifar10.yaml",
+            &[
+                "supervised.backbone=resnet18",
+                "supervised.width=0.0625",
+                "supervised.epochs=1",
+                "sup_batch.batch_size=8",
+                "train.monitor.every=1",
+            ][..],
+        ),
+        ("pipelines/imagenet.yaml", &["crop.size=32", "linear.transform.size=32"][..]),
+    ] {
+        let out = tmp.path().join(file.replace(['/', '.'], "_"));
+        let mut sets = fixture_sets(Path::new(file), &jpeg, &cifar);
+        sets.extend(tiny.iter().chain(extra).map(|s| s.to_string()));
+        let run = Command::cargo_bin("simclr")
+            .unwrap()
+            .arg("run")
+            .arg(file)
+            .arg("--out")
+            .arg(&out)
+            .args(sets.iter().flat_map(|s| ["--set", s.as_str()]))
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{file}: {}", String::from_utf8_lossy(&run.stderr));
+        let results: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+        for method in ["simclr", "random_init"] {
+            let top1 = results[method]["linear_top1"].as_f64().unwrap_or(-1.0);
+            assert!((0.0..=100.0).contains(&top1), "{file}: {method} {results}");
+        }
+        assert!(out.join("report.md").exists() && out.join("encoder.safetensors").exists());
     }
 }

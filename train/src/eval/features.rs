@@ -19,6 +19,8 @@ use crate::trainer::Engine;
 /// Computes the representation h of a batch of images (N x 3 x H x W), frozen.
 pub trait Encode: Send {
     fn encode(&self, images: &[f32], shape: [usize; 4]) -> Result<Vec<f32>, String>;
+    /// The encoder's weights and running statistics (torchvision names).
+    fn tensors(&self) -> Vec<crate::export::NamedTensor>;
 }
 
 /// A SimCLR engine seen as a frozen encoder.
@@ -27,6 +29,9 @@ pub struct EngineEncoder(pub Box<dyn Engine>);
 impl Encode for EngineEncoder {
     fn encode(&self, images: &[f32], shape: [usize; 4]) -> Result<Vec<f32>, String> {
         self.0.encode(images, shape)
+    }
+    fn tensors(&self) -> Vec<crate::export::NamedTensor> {
+        self.0.encoder_tensors()
     }
 }
 
@@ -42,6 +47,10 @@ pub struct EncoderArtifact {
 }
 
 impl EncoderArtifact {
+    pub fn tensors(&self) -> Vec<crate::export::NamedTensor> {
+        self.encoder.lock().unwrap_or_else(|p| p.into_inner()).tensors()
+    }
+
     fn encode(&self, images: &[f32], shape: [usize; 4]) -> Result<Vec<f32>, String> {
         let e = self.encoder.lock().unwrap_or_else(|p| p.into_inner());
         e.encode(images, shape)

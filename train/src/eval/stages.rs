@@ -380,3 +380,69 @@ impl Task for ExtractTask {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use simclr_core::driver::DataSource;
+    use simclr_core::Artifacts;
+
+    fn source(cx: &Context, id: &str, split: &str, count: u64) -> DataSource {
+        let cfg: simclr_stages::source::synthetic::SyntheticShapes =
+            serde_json::from_value(json!({"count": count, "size": 16, "classes": 3, "split": split}))
+                .unwrap();
+        let Ok(Stage::Source(source)) = cfg.build(cx) else { panic!("not a source") };
+        DataSource { id: id.into(), kind: "synthetic_shapes".into(), source }
+    }
+
+    #[test]
+    fn linear_eval_leaves_the_encoder_unchanged_and_records_results() {
+        let artifacts = Artifacts::default();
+        let cx = Context {
+            seed: 5,
+            stage_id: "linear".into(),
+            artifacts: artifacts.clone(),
+            ..Context::default()
+        };
+        artifacts.put("tr", source(&cx, "tr", "train", 60));
+        artifacts.put("te", source(&cx, "te", "test", 30));
+        let arch: crate::SimclrTrain = serde_json::from_value(json!({"width": 0.0625})).unwrap();
+        let engine = make_engine(&arch, 1).unwrap();
+        artifacts.put(
+            "enc",
+            EncoderArtifact {
+                stage: "enc".into(),
+                method: "simclr".into(),
+                arch,
+                encoder: Mutex::new(Box::new(EngineEncoder(engine))),
+            },
+        );
+        let before = artifacts.get::<EncoderArtifact>("enc").unwrap().tensors();
+        assert!(!before.is_empty());
+        let cfg: LinearEval = serde_json::from_value(
+            json!({"encoders": ["enc"], "train_data": "tr", "test_data": "te", "k": 5}),
+        )
+        .unwrap();
+        let Ok(Stage::Task(mut task)) = cfg.build(&cx) else { panic!("not a task") };
+        task.run().unwrap();
+        let after = artifacts.get::<EncoderArtifact>("enc").unwrap().tensors();
+        assert_eq!(before, after, "linear evaluation must not touch the encoder");
+        let r = artifacts.results();
+        let top1 = r["simclr"]["linear_top1"].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&top1), "{r:?}");
+        assert!(r["simclr"]["knn_top1"].as_f64().is_some());
+        assert_eq!(r["evals"][0]["test_size"], 30);
+    }
+
+    #[test]
+    fn a_missing_encoder_is_named() {
+        let cx = Context { stage_id: "linear".into(), ..Context::default() };
+        cx.artifacts.put("tr", source(&cx, "tr", "train", 6));
+        let cfg: LinearEval =
+            serde_json::from_value(json!({"encoders": ["nope"], "train_data": "tr", "test_data": "tr"}))
+                .unwrap();
+        let Ok(Stage::Task(mut task)) = cfg.build(&cx) else { panic!("not a task") };
+        let err = task.run().unwrap_err().to_string();
+        assert!(err.contains("`encoders: nope`") && err.contains("simclr_train"), "{err}");
+    }
+}

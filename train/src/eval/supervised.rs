@@ -153,6 +153,12 @@ impl<B: AutodiffBackend> Encode for SupTrainer<B> {
         }))
         .map_err(|_| "the backend failed while encoding".to_string())?
     }
+    fn tensors(&self) -> Vec<crate::export::NamedTensor> {
+        match self.model() {
+            Ok(m) => crate::export::named_tensors(&m.encoder.valid(), 0),
+            Err(_) => Vec::new(),
+        }
+    }
 }
 
 impl<B: AutodiffBackend> LabeledEngine for SupTrainer<B> {
