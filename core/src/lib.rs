@@ -10,6 +10,7 @@ pub mod runtime;
 pub mod sample;
 pub mod spec;
 pub mod stage;
+pub mod sweep;
 pub mod yaml;
 
 pub use driver::{run_plan, Mode};
