@@ -11,6 +11,8 @@ use simclr_core::{run_plan, Diagnostics, Plan, RunError, RunOptions, RunReport};
 
 #[path = "plugins_cmd.rs"]
 mod plugins_cmd;
+#[path = "sweep_cmd.rs"]
+mod sweep_cmd;
 
 /// The demo pipeline, embedded so `simclr demo` needs no files.
 const DEMO: &str = include_str!("../pipelines/demo.yaml");
@@ -29,17 +31,17 @@ struct Cli {
 }
 
 #[derive(clap::Args, Clone, Default)]
-struct Common {
+pub(crate) struct Common {
     /// Override a field (`crop.size=64`), a top-level key (`seed=3`) or switch a stage off
     /// (`color=off`). Repeatable; applied in order before validation.
     #[arg(long = "set", value_name = "STAGE.FIELD=VALUE")]
-    set: Vec<String>,
+    pub(crate) set: Vec<String>,
     /// Worker threads for per-sample stages [default: all cores].
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Pipeline seed (overrides the file's `seed`).
     #[arg(long)]
-    seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -64,6 +66,17 @@ enum Command {
         #[command(flatten)]
         common: Common,
         /// Run directory [default: runs/<name>/<timestamp>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Run every variant of a pipeline's `sweep:` section, then write a report
+    /// (results.csv, results.md, chart.png). Rerun with the same --out to resume.
+    Sweep {
+        file: PathBuf,
+        #[command(flatten)]
+        common: Common,
+        /// Sweep directory [default: runs/<name>/sweep-<timestamp>]; variants run in
+        /// DIR/<variant>/, and finished ones (with results.json) are skipped on a rerun.
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -165,7 +178,7 @@ pub fn main() -> i32 {
         .with_target(false)
         .without_time()
         .try_init();
-    if matches!(cli.command, Some(Command::Run { .. } | Command::Demo { .. } | Command::Bench { .. })) {
+    if matches!(cli.command, Some(Command::Run { .. } | Command::Sweep { .. } | Command::Demo { .. } | Command::Bench { .. })) {
         // Install the Ctrl-C handler before any slow work, so an early Ctrl-C is handled too.
         interrupt_flag();
     }
@@ -193,7 +206,7 @@ pub fn main() -> i32 {
 }
 
 /// Every built-in stage kind: data and augmentation stages, then training.
-fn registry() -> simclr_core::Registry {
+pub(crate) fn registry() -> simclr_core::Registry {
     let mut r = simclr_stages::registry();
     simclr_train::register(&mut r);
     r
@@ -205,9 +218,14 @@ fn load(file: &Path, set: &[String], seed: Option<u64>) -> Result<Plan, Failure>
         set.push(format!("seed={s}"));
     }
     let spec = simclr_core::spec::load(file, &set)?;
+    Ok(check(spec)?)
+}
+
+/// Validates a parsed pipeline against the built-in kinds and its plugins.
+pub(crate) fn check(spec: simclr_core::PipelineSpec) -> Result<Plan, Diagnostics> {
     let mut registry = registry();
     plugins_cmd::load_plugins(&spec, &mut registry)?;
-    Ok(simclr_core::validate(spec, &registry)?)
+    simclr_core::validate(spec, &registry)
 }
 
 fn load_str(name: &Path, src: &str, set: &[String], seed: Option<u64>) -> Result<Plan, Failure> {
@@ -225,8 +243,15 @@ fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
         Command::Validate { file, set } => {
             let plan = load(&file, &set, None)?;
+            let sweep = match simclr_core::sweep::parse(&file, &plan.spec.doc)? {
+                Some(sw) => {
+                    sw.check(|_, spec| check(spec))?;
+                    format!(", sweep of {} variant{}", sw.variants.len(), if sw.variants.len() == 1 { "" } else { "s" })
+                }
+                None => String::new(),
+            };
             println!(
-                "{}: valid ({} stages, {} chain{})",
+                "{}: valid ({} stages, {} chain{}{sweep})",
                 file.display(),
                 plan.stages.len(),
                 plan.chains().len(),
@@ -241,8 +266,15 @@ fn dispatch(command: Command) -> Result<(), Failure> {
         }
         Command::Run { file, common, out } => {
             let plan = load(&file, &common.set, common.seed)?;
+            if plan.spec.sweep.is_some() {
+                eprintln!(
+                    "note: {} has a `sweep:` section; `run` runs the base pipeline, `simclr sweep` its variants",
+                    file.display()
+                );
+            }
             run(&plan, &common, out)
         }
+        Command::Sweep { file, common, out } => sweep_cmd::sweep(&file, &common, out),
         Command::Demo { common, out } => {
             let plan = load_str(Path::new("pipelines/demo.yaml"), DEMO, &common.set, common.seed)?;
             run(&plan, &common, out)
@@ -329,8 +361,14 @@ fn with_progress<T>(opts: &RunOptions, f: impl FnOnce() -> T) -> T {
 }
 
 fn run(plan: &Plan, common: &Common, out: Option<PathBuf>) -> Result<(), Failure> {
-    let mut opts = options(plan, common);
     let dir = out.unwrap_or_else(|| PathBuf::from("runs").join(&plan.spec.name).join(crate::timestamp()));
+    run_in(plan, common, dir)
+}
+
+/// Runs a validated pipeline into `dir`, as `simclr run` does; `results.json` is written
+/// last and atomically, so its presence means the run finished (sweeps rely on it).
+pub(crate) fn run_in(plan: &Plan, common: &Common, dir: PathBuf) -> Result<(), Failure> {
+    let mut opts = options(plan, common);
     opts.run_dir = Some(dir.clone());
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
@@ -343,8 +381,9 @@ fn run(plan: &Plan, common: &Common, out: Option<PathBuf>) -> Result<(), Failure
         print_report(r);
     }
     let json = serde_json::json!({ "chains": reports.iter().map(|(_, r)| r).collect::<Vec<_>>() });
-    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&json).unwrap_or_default())
-        .with_context(|| format!("cannot write into {}", dir.display()))?;
+    let results = dir.join(simclr_core::sweep::RESULTS_FILE);
+    simclr_core::sweep::write_atomic(&results, serde_json::to_string_pretty(&json).unwrap_or_default().as_bytes())
+        .with_context(|| format!("cannot write {}", results.display()))?;
     println!("run directory: {}", dir.display());
     Ok(())
 }
