@@ -178,7 +178,10 @@ pub fn main() -> i32 {
         .with_target(false)
         .without_time()
         .try_init();
-    if matches!(cli.command, Some(Command::Run { .. } | Command::Sweep { .. } | Command::Demo { .. } | Command::Bench { .. })) {
+    if matches!(
+        cli.command,
+        Some(Command::Run { .. } | Command::Sweep { .. } | Command::Demo { .. } | Command::Bench { .. })
+    ) {
         // Install the Ctrl-C handler before any slow work, so an early Ctrl-C is handled too.
         interrupt_flag();
     }
@@ -246,7 +249,11 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             let sweep = match simclr_core::sweep::parse(&file, &plan.spec.doc)? {
                 Some(sw) => {
                     sw.check(|_, spec| check(spec))?;
-                    format!(", sweep of {} variant{}", sw.variants.len(), if sw.variants.len() == 1 { "" } else { "s" })
+                    format!(
+                        ", sweep of {} variant{}",
+                        sw.variants.len(),
+                        if sw.variants.len() == 1 { "" } else { "s" }
+                    )
                 }
                 None => String::new(),
             };
@@ -382,8 +389,11 @@ pub(crate) fn run_in(plan: &Plan, common: &Common, dir: PathBuf) -> Result<(), F
     }
     let json = serde_json::json!({ "chains": reports.iter().map(|(_, r)| r).collect::<Vec<_>>() });
     let results = dir.join(simclr_core::sweep::RESULTS_FILE);
-    simclr_core::sweep::write_atomic(&results, serde_json::to_string_pretty(&json).unwrap_or_default().as_bytes())
-        .with_context(|| format!("cannot write {}", results.display()))?;
+    simclr_core::sweep::write_atomic(
+        &results,
+        serde_json::to_string_pretty(&json).unwrap_or_default().as_bytes(),
+    )
+    .with_context(|| format!("cannot write {}", results.display()))?;
     println!("run directory: {}", dir.display());
     Ok(())
 }

@@ -179,10 +179,15 @@ pub fn bar_chart(path: &Path, title: &str, value_label: &str, bars: &[(String, O
                         .map_err(plot_err)?;
                 }
                 None => {
-                    let style =
-                        TextStyle::from((FONT, 15)).color(&RGBColor(120, 120, 120)).pos(Pos::new(HPos::Left, VPos::Center));
+                    let style = TextStyle::from((FONT, 15))
+                        .color(&RGBColor(120, 120, 120))
+                        .pos(Pos::new(HPos::Left, VPos::Center));
                     chart
-                        .draw_series(std::iter::once(Text::new(" n/a", (base, SegmentValue::CenterOf(row)), style)))
+                        .draw_series(std::iter::once(Text::new(
+                            " n/a",
+                            (base, SegmentValue::CenterOf(row)),
+                            style,
+                        )))
                         .map_err(plot_err)?;
                 }
             }
@@ -243,7 +248,9 @@ pub fn heatmap(
             _ => String::new(),
         };
         let row_name = |v: &SegmentValue<i32>| match v {
-            SegmentValue::CenterOf(i) => rows.get(nr.saturating_sub(1 + *i as usize)).cloned().unwrap_or_default(),
+            SegmentValue::CenterOf(i) => {
+                rows.get(nr.saturating_sub(1 + *i as usize)).cloned().unwrap_or_default()
+            }
             _ => String::new(),
         };
         chart
@@ -273,8 +280,21 @@ pub fn heatmap(
                 };
                 chart
                     .draw_series(std::iter::once(Rectangle::new(
-                        [(SegmentValue::Exact(x), SegmentValue::Exact(y + 1)), (SegmentValue::Exact(x + 1), SegmentValue::Exact(y))],
+                        [
+                            (SegmentValue::Exact(x), SegmentValue::Exact(y + 1)),
+                            (SegmentValue::Exact(x + 1), SegmentValue::Exact(y)),
+                        ],
                         fill.filled(),
+                    )))
+                    .map_err(plot_err)?;
+                // A white gap between cells.
+                chart
+                    .draw_series(std::iter::once(Rectangle::new(
+                        [
+                            (SegmentValue::Exact(x), SegmentValue::Exact(y + 1)),
+                            (SegmentValue::Exact(x + 1), SegmentValue::Exact(y)),
+                        ],
+                        WHITE.stroke_width(2),
                     )))
                     .map_err(plot_err)?;
                 let style = TextStyle::from((FONT, 17)).color(&ink).pos(Pos::new(HPos::Center, VPos::Center));
@@ -346,7 +366,9 @@ pub fn line_chart(
                         .draw_series(run.iter().map(|&p| Circle::new(p, 4, color.filled())))
                         .map_err(plot_err)?
                 } else {
-                    chart.draw_series(LineSeries::new(run.iter().copied(), color.stroke_width(2))).map_err(plot_err)?
+                    chart
+                        .draw_series(LineSeries::new(run.iter().copied(), color.stroke_width(2)))
+                        .map_err(plot_err)?
                 };
                 if !legend_done && series.len() > 1 {
                     legend_done = true;
@@ -418,11 +440,18 @@ mod tests {
     #[test]
     fn line_chart_survives_empty_single_and_nan_data() {
         let d = dir();
-        let cases: Vec<(&str, Vec<(&str, Vec<(f64, f64)>)>)> = vec![
+        type Series = Vec<(&'static str, Vec<(f64, f64)>)>;
+        let cases: Vec<(&str, Series)> = vec![
             ("empty", vec![]),
             ("empty-series", vec![("loss", vec![])]),
             ("single", vec![("loss", vec![(1.0, 2.0)])]),
-            ("nan", vec![("loss", vec![(0.0, f64::NAN), (1.0, 1.0), (2.0, f64::INFINITY), (3.0, 0.5), (4.0, 0.25)])]),
+            (
+                "nan",
+                vec![(
+                    "loss",
+                    vec![(0.0, f64::NAN), (1.0, 1.0), (2.0, f64::INFINITY), (3.0, 0.5), (4.0, 0.25)],
+                )],
+            ),
             ("all-nan", vec![("a", vec![(f64::NAN, f64::NAN)]), ("b", vec![])]),
         ];
         for (name, series) in cases {
@@ -450,7 +479,11 @@ mod tests {
     fn bar_chart_and_heatmap_write_pngs() {
         let d = dir();
         let p = d.path().join("bars.png");
-        let bars = vec![("base".to_string(), Some(71.2)), ("no-color".into(), None), ("weak".into(), Some(f64::NAN))];
+        let bars = vec![
+            ("base".to_string(), Some(71.2)),
+            ("no-color".into(), None),
+            ("weak".into(), Some(f64::NAN)),
+        ];
         bar_chart(&p, "linear top-1", "%", &bars).unwrap();
         let img = png(&p);
         // One bar (the NaN and missing values have none).
@@ -460,8 +493,16 @@ mod tests {
 
         let p = d.path().join("heat.png");
         let names: Vec<String> = ["crop", "color"].iter().map(|s| s.to_string()).collect();
-        heatmap(&p, "top-1", "1st", "2nd", &names, &names, &[vec![Some(10.0), None], vec![Some(20.0), Some(56.5)]])
-            .unwrap();
+        heatmap(
+            &p,
+            "top-1",
+            "1st",
+            "2nd",
+            &names,
+            &names,
+            &[vec![Some(10.0), None], vec![Some(20.0), Some(56.5)]],
+        )
+        .unwrap();
         let img = png(&p);
         // The top value is the brightest viridis color.
         let top = viridis(1.0);

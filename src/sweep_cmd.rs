@@ -27,10 +27,9 @@ impl VariantRunner for CliRunner<'_> {
     type Error = Failure;
 
     fn run(&mut self, index: usize, variant: &Variant, dir: &Path) -> Result<(), Failure> {
-        let plan = self
-            .plans
-            .get(index)
-            .ok_or_else(|| Failure::Runtime(format!("internal error: no plan for variant '{}'", variant.name)))?;
+        let plan = self.plans.get(index).ok_or_else(|| {
+            Failure::Runtime(format!("internal error: no plan for variant '{}'", variant.name))
+        })?;
         run_in(plan, self.common, dir.to_path_buf())
     }
 }
@@ -57,7 +56,11 @@ pub(crate) fn sweep(file: &Path, common: &Common, out: Option<PathBuf>) -> Resul
     let mut runner = CliRunner { plans, common };
     let result = sweep::run(&sw, &dir, &mut runner, |e| match e {
         Event::Skipped { variant, dir } => {
-            println!("variant '{}': finished earlier ({}), skipped", variant.name, dir.join(sweep::RESULTS_FILE).display())
+            println!(
+                "variant '{}': finished earlier ({}), skipped",
+                variant.name,
+                dir.join(sweep::RESULTS_FILE).display()
+            )
         }
         Event::MovedAside { variant, to } => {
             println!("variant '{}': the unfinished earlier run was moved to {}", variant.name, to.display())
@@ -89,7 +92,8 @@ fn write_report(sw: &Sweep, dir: &Path) -> Result<(), Failure> {
     }
     let write = |name: &str, text: String| {
         let path = dir.join(name);
-        std::fs::write(&path, text).map_err(|e| Failure::Runtime(format!("error: cannot write {}: {e}", path.display())))
+        std::fs::write(&path, text)
+            .map_err(|e| Failure::Runtime(format!("error: cannot write {}: {e}", path.display())))
     };
     write("results.csv", rep.to_csv())?;
     let chart = match chart(sw, &rep, &dir.join("chart.png")) {
@@ -116,23 +120,16 @@ fn chart(sw: &Sweep, rep: &Report, path: &Path) -> anyhow::Result<()> {
     if let Some(m) = sw.matrix() {
         let values: Vec<Vec<Option<f64>>> =
             m.cells.iter().map(|row| row.iter().map(|c| c.and_then(value)).collect()).collect();
+        // An `{stage, ops}` axis is named by its stage (Figure 5: `first`, `second`).
         let axis = |a: usize, fallback: &str| {
-            sw.axes.get(a).and_then(|x| x.stage.clone()).map_or(fallback.to_string(), |s| format!("{fallback} ({s})"))
+            sw.axes.get(a).and_then(|x| x.stage.clone()).unwrap_or(fallback.into())
         };
         let title = if sw.diagonal == Diagonal::Alone {
             format!("{metric}; diagonal: the op alone")
         } else {
             metric.to_string()
         };
-        crate::plot::heatmap(
-            path,
-            &title,
-            &axis(0, "first"),
-            &axis(1, "second"),
-            &m.rows,
-            &m.cols,
-            &values,
-        )
+        crate::plot::heatmap(path, &title, &axis(0, "axis 1"), &axis(1, "axis 2"), &m.rows, &m.cols, &values)
     } else {
         let bars: Vec<(String, Option<f64>)> =
             rep.rows.iter().enumerate().map(|(i, r)| (r.variant.clone(), value(i))).collect();

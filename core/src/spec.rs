@@ -303,7 +303,7 @@ pub fn apply_override(doc: &mut Spanned<Node>, o: &str) -> Result<(), (String, S
     let value = yaml::parse_value(rhs)
         .map_err(|e| (format!("the value is not valid YAML: {}", e.message), "quote it".into()))?;
     // A command-line value has no place in the file: it takes the position of what it replaces.
-    apply_change(doc, lhs, Spanned::new(value, Pos::default()), true)
+    apply_change(doc, lhs, Spanned::new(value, Pos::default()), None)
 }
 
 /// Applies one change to a pipeline document, as `--set` and sweep variants do:
@@ -313,14 +313,15 @@ pub fn apply_override(doc: &mut Spanned<Node>, o: &str) -> Result<(), (String, S
 ///   position in the list and its `input`/`inputs`/`workers`/`capacity` unless given;
 /// - `KEY` = value for a top-level key (`seed`, `name`, `fuse`, `chunk`, ...).
 ///
-/// With `inherit_pos`, the new value takes the position of the value it replaces (for values
-/// that come from the command line); otherwise it keeps its own (a value written elsewhere in
-/// the file, such as a sweep variant). Errors are (what, how to fix).
+/// `at` is where the change is written (the position of `target`), for a change written in the
+/// file (a sweep variant): the changed key gets that position and the value keeps its own, so
+/// errors point at the change. With `None` (a value from the command line) the new value takes
+/// the position of the value it replaces. Errors are (what, how to fix).
 pub fn apply_change(
     doc: &mut Spanned<Node>,
     target: &str,
     value: Spanned<Node>,
-    inherit_pos: bool,
+    at: Option<Pos>,
 ) -> Result<(), (String, String)> {
     let mut path = target.split('.');
     let head = path.next().unwrap_or_default();
@@ -359,12 +360,15 @@ pub fn apply_change(
                     Ok(())
                 }
                 Node::Map(entries) if entries.iter().any(|(k, _)| k.value == "kind") => {
-                    let pos = if inherit_pos { stages[idx].pos } else { value.pos };
+                    let pos = if at.is_none() { stages[idx].pos } else { value.pos };
                     stages[idx] = swapped(&stages[idx], head, entries, pos)?;
                     Ok(())
                 }
                 _ => Err((
-                    format!("a whole stage can only be switched `off` or swapped, not set to {}", describe(&value.value)),
+                    format!(
+                        "a whole stage can only be switched `off` or swapped, not set to {}",
+                        describe(&value.value)
+                    ),
                     format!(
                         "write `{head}: off`, `{head}: {{kind: KIND, ...}}` (a swap) or `{head}.FIELD: VALUE`"
                     ),
@@ -372,12 +376,12 @@ pub fn apply_change(
             };
         }
         let stage_pos = stages[idx].pos;
-        set_path(&mut stages[idx], &rest, value, stage_pos, inherit_pos);
+        set_path(&mut stages[idx], &rest, value, stage_pos, at);
         return Ok(());
     }
     if rest.is_empty() && TOP_KEYS.contains(&head) && head != "stages" {
         let pos = doc.pos;
-        set_path(doc, &[head], value, pos, inherit_pos);
+        set_path(doc, &[head], value, pos, at);
         return Ok(());
     }
     let fix = match crate::suggest(head, ids.iter().map(String::as_str)) {
@@ -453,7 +457,11 @@ pub fn describe(node: &Node) -> String {
         }
         Node::Map(entries) => format!(
             "{{{}}}",
-            entries.iter().map(|(k, v)| format!("{}: {}", k.value, describe(&v.value))).collect::<Vec<_>>().join(", ")
+            entries
+                .iter()
+                .map(|(k, v)| format!("{}: {}", k.value, describe(&v.value)))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
@@ -473,12 +481,13 @@ fn stage_ids(top: &[(Spanned<String>, Spanned<Node>)]) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Sets a nested key, creating mappings on the way. With `inherit_pos`, the new value keeps
+/// Sets a nested key, creating mappings on the way. With `at` (a change written in the file),
+/// the set key takes that position and the value keeps its own; without, the new value keeps
 /// the position of the value it replaces (so errors still point into the file) or else of its
-/// parent; otherwise it keeps its own.
-fn set_path(node: &mut Spanned<Node>, path: &[&str], value: Spanned<Node>, fallback: Pos, inherit_pos: bool) {
+/// parent.
+fn set_path(node: &mut Spanned<Node>, path: &[&str], value: Spanned<Node>, fallback: Pos, at: Option<Pos>) {
     let Some((first, rest)) = path.split_first() else {
-        if inherit_pos {
+        if at.is_none() {
             node.value = value.value;
         } else {
             *node = value;
@@ -492,12 +501,15 @@ fn set_path(node: &mut Spanned<Node>, path: &[&str], value: Spanned<Node>, fallb
     let idx = match entries.iter().position(|(k, _)| k.value == *first) {
         Some(i) => i,
         None => {
-            let pos = if inherit_pos { fallback } else { value.pos };
+            let pos = at.unwrap_or(fallback);
             entries.push((Spanned::new(first.to_string(), pos), Spanned::new(Node::Null, pos)));
             entries.len() - 1
         }
     };
+    if let (Some(at), true) = (at, rest.is_empty()) {
+        entries[idx].0.pos = at;
+    }
     let child = &mut entries[idx].1;
     let pos = child.pos;
-    set_path(child, rest, value, pos, inherit_pos);
+    set_path(child, rest, value, pos, at);
 }

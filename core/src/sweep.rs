@@ -40,12 +40,18 @@ pub const RESULTS_FILE: &str = "results.json";
 pub struct Change {
     pub target: Spanned<String>,
     pub value: Spanned<Node>,
+    /// The `sweep.ops` entry the value comes from, if any.
+    pub op: Option<String>,
 }
 
 impl Change {
-    /// `color.strength=0.5`, `blur=off`, `color={kind: color_jitter, ...}`.
+    /// `color.strength=0.5`, `blur=off`, `color={kind: color_jitter, ...}`, or `first=crop`
+    /// for a swap to the op `crop`.
     pub fn describe(&self) -> String {
-        format!("{}={}", self.target.value, spec::describe(&self.value.value))
+        match &self.op {
+            Some(op) => format!("{}={op}", self.target.value),
+            None => format!("{}={}", self.target.value, spec::describe(&self.value.value)),
+        }
     }
 }
 
@@ -105,6 +111,8 @@ pub struct Sweep {
     pub axes: Vec<Axis>,
     pub diagonal: Diagonal,
     pub unordered: bool,
+    /// The named stage bodies of `sweep.ops`, in file order.
+    pub ops: Vec<(String, Node)>,
     pub variants: Vec<Variant>,
 }
 
@@ -228,8 +236,9 @@ pub fn parse(file: &Path, doc: &Spanned<Node>) -> Result<Option<Sweep>, Diagnost
     let d = |pos: Pos, msg: String| Diagnostic::new(file, pos, format!("sweep: {msg}"));
     let Node::Map(entries) = &section.value else {
         diags.push(
-            d(section.pos, format!("`sweep` must be a mapping, found {}", section.value.type_name()))
-                .fix("write `sweep: {variants: {NAME: {STAGE.FIELD: VALUE}, ...}}` or `sweep: {grid: [...]}`"),
+            d(section.pos, format!("`sweep` must be a mapping, found {}", section.value.type_name())).fix(
+                "write `sweep: {variants: {NAME: {STAGE.FIELD: VALUE}, ...}}` or `sweep: {grid: [...]}`",
+            ),
         );
         return Err(sorted(diags));
     };
@@ -253,10 +262,18 @@ pub fn parse(file: &Path, doc: &Spanned<Node>) -> Result<Option<Sweep>, Diagnost
             let mut out = Vec::new();
             for it in items {
                 match &it.value {
-                    Node::Str(s) if !s.is_empty() && s.split('.').all(|p| !p.is_empty()) => out.push(s.clone()),
+                    Node::Str(s) if !s.is_empty() && s.split('.').all(|p| !p.is_empty()) => {
+                        out.push(s.clone())
+                    }
                     other => diags.push(
-                        d(it.pos, format!("a metric is a dotted path into results.json, found {}", describe_found(other)))
-                            .fix("write e.g. `metrics: [simclr.linear_top1, simclr.knn_top1]`"),
+                        d(
+                            it.pos,
+                            format!(
+                                "a metric is a dotted path into results.json, found {}",
+                                describe_found(other)
+                            ),
+                        )
+                        .fix("write e.g. `metrics: [simclr.linear_top1, simclr.knn_top1]`"),
                     ),
                 }
             }
@@ -311,8 +328,11 @@ pub fn parse(file: &Path, doc: &Spanned<Node>) -> Result<Option<Sweep>, Diagnost
             Some("combine") => {}
             Some("alone") => diagonal = Diagonal::Alone,
             _ => diags.push(
-                d(v.pos, format!("`diagonal` must be `alone` or `combine`, found {}", describe_found(&v.value)))
-                    .fix("`alone`: a cell that picks the same name on every axis is that variant alone"),
+                d(
+                    v.pos,
+                    format!("`diagonal` must be `alone` or `combine`, found {}", describe_found(&v.value)),
+                )
+                .fix("`alone`: a cell that picks the same name on every axis is that variant alone"),
             ),
         }
         if grid_node.is_none() || axes.len() < 2 {
@@ -368,18 +388,27 @@ pub fn parse(file: &Path, doc: &Spanned<Node>) -> Result<Option<Sweep>, Diagnost
             .take(if c.alone { 1 } else { axes.len() })
             .flat_map(|(a, &i)| axes[a].choices[i].1.iter().cloned())
             .collect();
-        let first_pos = axes.first().and_then(|a| a.choices.get(c.cell[0])).map_or(section.pos, |(n, _)| n.pos);
+        let first_pos =
+            axes.first().and_then(|a| a.choices.get(c.cell[0])).map_or(section.pos, |(n, _)| n.pos);
         if let Some(&prev) = seen.get(&name) {
             diags.push(
-                d(first_pos, format!("two variants are named `{name}` (cells {:?} and {:?})", variants[prev].cell, c.cell))
-                    .fix("rename a choice so every variant name is unique (names are joined with `+`)"),
+                d(
+                    first_pos,
+                    format!(
+                        "two variants are named `{name}` (cells {:?} and {:?})",
+                        variants[prev].cell, c.cell
+                    ),
+                )
+                .fix("rename a choice so every variant name is unique (names are joined with `+`)"),
             );
             continue;
         }
         let mut vdoc = base.clone();
         let mut errs = Diagnostics::default();
         for ch in &changes {
-            if let Err((what, fix)) = spec::apply_change(&mut vdoc, &ch.target.value, ch.value.clone(), false) {
+            if let Err((what, fix)) =
+                spec::apply_change(&mut vdoc, &ch.target.value, ch.value.clone(), Some(ch.target.pos))
+            {
                 errs.push(
                     Diagnostic::new(file, ch.target.pos, format!("`{}`: {what}", ch.target.value)).fix(fix),
                 );
@@ -395,7 +424,8 @@ pub fn parse(file: &Path, doc: &Spanned<Node>) -> Result<Option<Sweep>, Diagnost
         return Err(sorted(diags));
     }
     let total = variants.len();
-    let sweep = Sweep { file: file.to_path_buf(), metrics, grid, axes, diagonal, unordered, variants };
+    let ops = ops.into_iter().map(|(k, v)| (k.value, v.value)).collect();
+    let sweep = Sweep { file: file.to_path_buf(), metrics, grid, axes, diagonal, unordered, ops, variants };
     problems.into_result(total, Some(sweep))
 }
 
@@ -419,13 +449,20 @@ pub fn valid_name(s: &str) -> bool {
         && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '+'))
 }
 
-fn parse_ops(file: &Path, node: Option<&Spanned<Node>>, diags: &mut Diagnostics) -> Vec<(Spanned<String>, Spanned<Node>)> {
+fn parse_ops(
+    file: &Path,
+    node: Option<&Spanned<Node>>,
+    diags: &mut Diagnostics,
+) -> Vec<(Spanned<String>, Spanned<Node>)> {
     let Some(node) = node else { return Vec::new() };
     let d = |pos: Pos, msg: String| Diagnostic::new(file, pos, format!("sweep: {msg}"));
     let Node::Map(entries) = &node.value else {
         diags.push(
-            d(node.pos, format!("`ops` must be a mapping of stage bodies, found {}", describe_found(&node.value)))
-                .fix("write e.g. `ops: {cutout: {kind: cutout, views: [0]}}`"),
+            d(
+                node.pos,
+                format!("`ops` must be a mapping of stage bodies, found {}", describe_found(&node.value)),
+            )
+            .fix("write e.g. `ops: {cutout: {kind: cutout, views: [0]}}`"),
         );
         return Vec::new();
     };
@@ -438,8 +475,15 @@ fn parse_ops(file: &Path, node: Option<&Spanned<Node>>, diags: &mut Diagnostics)
         match &v.value {
             Node::Map(_) if v.value.get("kind").is_some() => out.push((k.clone(), v.clone())),
             other => diags.push(
-                d(v.pos, format!("op `{}` must be a stage body with a `kind`, found {}", k.value, describe_found(other)))
-                    .fix("write e.g. `cutout: {kind: cutout, views: [0]}`"),
+                d(
+                    v.pos,
+                    format!(
+                        "op `{}` must be a stage body with a `kind`, found {}",
+                        k.value,
+                        describe_found(other)
+                    ),
+                )
+                .fix("write e.g. `cutout: {kind: cutout, views: [0]}`"),
             ),
         }
     }
@@ -476,8 +520,11 @@ fn parse_axis(
         let stage_name = Spanned::new(stage.value.as_str().unwrap_or_default().to_string(), stage.pos);
         let Node::Seq(items) = &list.value else {
             diags.push(
-                d(list.pos, format!("`ops` of an axis is a list of op names, found {}", describe_found(&list.value)))
-                    .fix("write e.g. `ops: [crop, cutout, color]` naming entries of `sweep.ops`"),
+                d(
+                    list.pos,
+                    format!("`ops` of an axis is a list of op names, found {}", describe_found(&list.value)),
+                )
+                .fix("write e.g. `ops: [crop, cutout, color]` naming entries of `sweep.ops`"),
             );
             return None;
         };
@@ -497,13 +544,19 @@ fn parse_axis(
             match ops.iter().find(|(k, _)| k.value == name) {
                 Some((_, body)) => choices.push((
                     Spanned::new(name.to_string(), it.pos),
-                    vec![Change { target: stage_name.clone(), value: body.clone() }],
+                    vec![Change {
+                        target: stage_name.clone(),
+                        value: body.clone(),
+                        op: Some(name.to_string()),
+                    }],
                 )),
                 None => {
                     let names: Vec<&str> = ops.iter().map(|(k, _)| k.value.as_str()).collect();
                     let fix = match crate::suggest(name, names.iter().copied()) {
                         Some(s) => format!("did you mean `{s}`? ops: {}", names.join(", ")),
-                        None if names.is_empty() => "define it under `sweep.ops`, e.g. `ops: {cutout: {kind: cutout}}`".into(),
+                        None if names.is_empty() => {
+                            "define it under `sweep.ops`, e.g. `ops: {cutout: {kind: cutout}}`".into()
+                        }
                         None => format!("define it under `sweep.ops` (ops: {})", names.join(", ")),
                     };
                     diags.push(d(it.pos, format!("no op `{name}`")).fix(fix));
@@ -526,7 +579,10 @@ fn parse_axis(
         }
         let changes = match &body.value {
             Node::Null => Vec::new(),
-            Node::Map(changes) => changes.iter().map(|(k, v)| Change { target: k.clone(), value: v.clone() }).collect(),
+            Node::Map(changes) => changes
+                .iter()
+                .map(|(k, v)| Change { target: k.clone(), value: v.clone(), op: None })
+                .collect(),
             other => {
                 diags.push(
                     d(body.pos, format!("variant `{}` must be a mapping of changes, found {}", name.value, describe_found(other)))
@@ -550,7 +606,8 @@ struct Cell {
 
 impl Cell {
     fn name(&self, axes: &[Axis]) -> String {
-        let names: Vec<&str> = self.cell.iter().enumerate().map(|(a, &i)| axes[a].choices[i].0.value.as_str()).collect();
+        let names: Vec<&str> =
+            self.cell.iter().enumerate().map(|(a, &i)| axes[a].choices[i].0.value.as_str()).collect();
         if self.alone {
             names[0].to_string()
         } else {
@@ -569,7 +626,8 @@ fn expand(axes: &[Axis], diagonal: Diagonal, unordered: bool) -> Vec<Cell> {
     let mut seen: Vec<Vec<&str>> = Vec::new();
     let mut idx = vec![0usize; axes.len()];
     loop {
-        let names: Vec<&str> = idx.iter().enumerate().map(|(a, &i)| axes[a].choices[i].0.value.as_str()).collect();
+        let names: Vec<&str> =
+            idx.iter().enumerate().map(|(a, &i)| axes[a].choices[i].0.value.as_str()).collect();
         let alone = diagonal == Diagonal::Alone && axes.len() > 1 && names.iter().all(|n| *n == names[0]);
         let mut sorted = names.clone();
         sorted.sort_unstable();
@@ -626,10 +684,21 @@ pub trait VariantRunner {
 #[derive(Debug)]
 pub enum Event<'a> {
     /// Finished in an earlier invocation: not run again.
-    Skipped { variant: &'a Variant, dir: PathBuf },
+    Skipped {
+        variant: &'a Variant,
+        dir: PathBuf,
+    },
     /// An unfinished run's leftovers were moved out of the way.
-    MovedAside { variant: &'a Variant, to: PathBuf },
-    Starting { index: usize, total: usize, variant: &'a Variant, dir: PathBuf },
+    MovedAside {
+        variant: &'a Variant,
+        to: PathBuf,
+    },
+    Starting {
+        index: usize,
+        total: usize,
+        variant: &'a Variant,
+        dir: PathBuf,
+    },
 }
 
 /// Whether a variant directory holds a finished run.
@@ -790,7 +859,11 @@ impl Report {
     /// `variant,changes,METRIC...`, one row per variant; a missing value is an empty cell.
     pub fn to_csv(&self) -> String {
         let mut out = String::new();
-        let header: Vec<String> = ["variant", "changes"].iter().map(|s| s.to_string()).chain(self.metrics.iter().cloned()).collect();
+        let header: Vec<String> = ["variant", "changes"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(self.metrics.iter().cloned())
+            .collect();
         out.push_str(&header.iter().map(|h| csv_field(h)).collect::<Vec<_>>().join(","));
         out.push('\n');
         for r in &self.rows {
@@ -810,10 +883,14 @@ impl Report {
         let mut out = format!("# Sweep of {}\n\n", sweep.file.display());
         let done = self.rows.iter().filter(|r| r.finished).count();
         out.push_str(&format!("{} variants, {done} finished.\n\n", self.rows.len()));
-        out.push_str(&format!("| variant | changes | {} |\n", self.metrics.iter().map(|m| md(m)).collect::<Vec<_>>().join(" | ")));
+        out.push_str(&format!(
+            "| variant | changes | {} |\n",
+            self.metrics.iter().map(|m| md(m)).collect::<Vec<_>>().join(" | ")
+        ));
         out.push_str(&format!("| --- | --- |{}\n", " ---: |".repeat(self.metrics.len())));
         for r in &self.rows {
-            let changes = if r.changes.is_empty() { "(base)".to_string() } else { format!("`{}`", md(&r.changes)) };
+            let changes =
+                if r.changes.is_empty() { "(base)".to_string() } else { format!("`{}`", md(&r.changes)) };
             let status = if r.finished { "" } else { " (not finished)" };
             out.push_str(&format!(
                 "| {}{status} | {changes} | {} |\n",
@@ -827,16 +904,30 @@ impl Report {
                 md(first),
                 if sweep.diagonal == Diagonal::Alone { "; diagonal: the op alone" } else { "" }
             ));
-            out.push_str(&format!("| | {} |\n", m.cols.iter().map(|c| md(c)).collect::<Vec<_>>().join(" | ")));
+            out.push_str(&format!(
+                "| | {} |\n",
+                m.cols.iter().map(|c| md(c)).collect::<Vec<_>>().join(" | ")
+            ));
             out.push_str(&format!("| --- |{}\n", " ---: |".repeat(m.cols.len())));
             for (i, row) in m.cells.iter().enumerate() {
-                let cells: Vec<String> =
-                    row.iter().map(|c| fmt(c.and_then(|idx| self.rows.get(idx)).and_then(|r| r.values[0]))).collect();
+                let cells: Vec<String> = row
+                    .iter()
+                    .map(|c| fmt(c.and_then(|idx| self.rows.get(idx)).and_then(|r| r.values[0])))
+                    .collect();
                 out.push_str(&format!("| **{}** | {} |\n", md(&m.rows[i]), cells.join(" | ")));
             }
         }
+        if !sweep.ops.is_empty() {
+            out.push_str("\n## Ops\n\n| op | stage |\n| --- | --- |\n");
+            for (name, body) in &sweep.ops {
+                out.push_str(&format!("| {} | `{}` |\n", md(name), md(&spec::describe(body))));
+            }
+        }
         if let Some(chart) = chart {
-            out.push_str(&format!("\n![{}]({chart})\n", self.metrics.first().map(|s| md(s)).unwrap_or_default()));
+            out.push_str(&format!(
+                "\n![{}]({chart})\n",
+                self.metrics.first().map(|s| md(s)).unwrap_or_default()
+            ));
         }
         if !self.warnings.is_empty() {
             out.push_str("\n## Warnings\n\n");
@@ -934,15 +1025,34 @@ mod tests {
         assert_eq!(s.variants.len(), 9);
         assert_eq!(
             names(&s),
-            ["crop", "crop+cutout", "crop+color", "cutout+crop", "cutout", "cutout+color", "color+crop", "color+cutout", "color"]
+            [
+                "crop",
+                "crop+cutout",
+                "crop+color",
+                "cutout+crop",
+                "cutout",
+                "cutout+color",
+                "color+crop",
+                "color+cutout",
+                "color"
+            ]
         );
         // (cutout, cutout) swaps `first` only; `second` stays the base identity.
         let alone = &s.variants[4];
         assert_eq!(alone.cell, [1, 1]);
-        assert_eq!(stage(&alone.doc, "first").unwrap().value.get("kind").unwrap().value.as_str(), Some("cutout"));
-        assert_eq!(stage(&alone.doc, "second").unwrap().value.get("kind").unwrap().value.as_str(), Some("identity"));
+        assert_eq!(
+            stage(&alone.doc, "first").unwrap().value.get("kind").unwrap().value.as_str(),
+            Some("cutout")
+        );
+        assert_eq!(
+            stage(&alone.doc, "second").unwrap().value.get("kind").unwrap().value.as_str(),
+            Some("identity")
+        );
         let pair = &s.variants[5];
-        assert_eq!(stage(&pair.doc, "second").unwrap().value.get("kind").unwrap().value.as_str(), Some("color_distort"));
+        assert_eq!(
+            stage(&pair.doc, "second").unwrap().value.get("kind").unwrap().value.as_str(),
+            Some("color_distort")
+        );
         let m = s.matrix().unwrap();
         assert_eq!(m.rows, ["crop", "cutout", "color"]);
         assert_eq!(m.cols, m.rows);
@@ -980,7 +1090,10 @@ mod tests {
         assert_eq!(st.value.get("brightness").unwrap().value, Node::Float(0.4));
         // Threading carries over unless the swap gives it.
         assert_eq!(st.value.get("workers").unwrap().value, Node::Int(2));
-        assert_eq!(stage(&s.variants[1].doc, "second").unwrap().value.get("workers").unwrap().value, Node::Int(1));
+        assert_eq!(
+            stage(&s.variants[1].doc, "second").unwrap().value.get("workers").unwrap().value,
+            Node::Int(1)
+        );
         // The swapped stage points at where the swap is written (line 10 of the file).
         assert_eq!(st.pos.line, 10);
         // The base's own fields of the old stage are gone.
@@ -1004,7 +1117,12 @@ mod tests {
         let e = err("sweep:\n  variants:\n    a: {}\n    b: { colr.strength: 1 }\n    c: { color: 3 }\n");
         assert!(e.contains("p.yaml:11:10: variant 'b': `colr.strength`: no stage `colr`"), "{e}");
         assert!(e.contains("did you mean `color`"), "{e}");
-        assert!(e.contains("p.yaml:12:10: variant 'c': `color`: a whole stage can only be switched `off` or swapped"), "{e}");
+        assert!(
+            e.contains(
+                "p.yaml:12:10: variant 'c': `color`: a whole stage can only be switched `off` or swapped"
+            ),
+            "{e}"
+        );
         // The same bad change in several cells is reported once, naming them.
         let e = err("sweep:\n  grid:\n    - { x: { nope: off } }\n    - { a: {}, b: {} }\n");
         assert_eq!(e.lines().count(), 1, "{e}");
@@ -1019,7 +1137,9 @@ mod tests {
         assert!(e.contains("p.yaml:10:3: sweep: unknown key `metric`"), "{e}");
         assert!(e.contains("did you mean `metrics`"), "{e}");
         assert!(e.contains("p.yaml:11:13: sweep: `diagonal` applies to a grid of two or more axes"), "{e}");
-        let e = err("sweep:\n  ops: { crop: { kind: cutout } }\n  grid:\n    - { stage: first, ops: [crop, crp] }\n");
+        let e = err(
+            "sweep:\n  ops: { crop: { kind: cutout } }\n  grid:\n    - { stage: first, ops: [crop, crp] }\n",
+        );
         assert!(e.contains("p.yaml:11:35: sweep: no op `crp` (did you mean `crop`?"), "{e}");
         assert!(err("sweep: {}\n").contains("no `variants` or `grid`"));
         let e = err("sweep:\n  grid:\n    - { a: {}, b: {} }\n    - { a: {}, b: {} }\n  unordered: 3\n");
@@ -1092,7 +1212,8 @@ mod tests {
 
     #[test]
     fn resume_skips_finished_variants_and_reruns_unfinished_ones() {
-        let s = ok("sweep:\n  variants:\n    a: {}\n    b: { color.strength: 0.25 }\n    c: { color: off }\n");
+        let s =
+            ok("sweep:\n  variants:\n    a: {}\n    b: { color.strength: 0.25 }\n    c: { color: off }\n");
         let dir = temp_dir("resume");
         let mut fake = Fake { ran: vec![], fail_on: Some("b".into()) };
         let e = run(&s, &dir, &mut fake, |_| {}).unwrap_err();
@@ -1105,8 +1226,12 @@ mod tests {
         run(&s, &dir, &mut fake, |e| {
             events.push(match e {
                 Event::Skipped { variant, .. } => format!("skip {}", variant.name),
-                Event::MovedAside { variant, to } => format!("aside {} {}", variant.name, to.file_name().unwrap().to_string_lossy()),
-                Event::Starting { index, total, variant, .. } => format!("start {} {index}/{total}", variant.name),
+                Event::MovedAside { variant, to } => {
+                    format!("aside {} {}", variant.name, to.file_name().unwrap().to_string_lossy())
+                }
+                Event::Starting { index, total, variant, .. } => {
+                    format!("start {} {index}/{total}", variant.name)
+                }
             })
         })
         .unwrap();
@@ -1170,7 +1295,12 @@ mod tests {
             .variants
             .iter()
             .enumerate()
-            .map(|(i, v)| Row { variant: v.name.clone(), changes: v.describe(), finished: true, values: vec![Some(i as f64), None] })
+            .map(|(i, v)| Row {
+                variant: v.name.clone(),
+                changes: v.describe(),
+                finished: true,
+                values: vec![Some(i as f64), None],
+            })
             .collect();
         let rep = Report { metrics: s.metrics.clone(), rows, warnings: vec![] };
         let md = rep.to_markdown(&s, Some("chart.png"));
