@@ -1101,6 +1101,21 @@ mod tests {
     }
 
     #[test]
+    fn the_command_line_can_swap_a_stage_too() {
+        let mut doc = crate::yaml::parse(BASE).unwrap();
+        spec::apply_override(&mut doc, "second={kind: cutout, p: 0.5}").unwrap();
+        let st = stage(&doc, "second").unwrap();
+        assert_eq!(st.value.get("kind").unwrap().value.as_str(), Some("cutout"));
+        assert_eq!(st.value.get("workers").unwrap().value, Node::Int(2));
+        // A command-line value has no place in the file: it keeps the replaced stage's.
+        assert_eq!(st.pos.line, 5);
+        let e = spec::apply_override(&mut doc, "second={p: 1}").unwrap_err();
+        assert!(e.0.contains("can only be switched `off` or swapped"), "{e:?}");
+        let e = spec::apply_override(&mut doc, "second={kind: cutout, id: other}").unwrap_err();
+        assert!(e.0.contains("keeps the stage id"), "{e:?}");
+    }
+
+    #[test]
     fn overrides_set_nested_fields_and_top_level_keys() {
         let s = ok("sweep:\n  variants:\n    a: { color.strength: 0.125, color.extra.deep: 3, seed: 7 }\n");
         let doc = &s.variants[0].doc;
@@ -1204,17 +1219,12 @@ mod tests {
         }
     }
 
-    fn temp_dir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("simclr-sweep-test-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        d
-    }
-
     #[test]
     fn resume_skips_finished_variants_and_reruns_unfinished_ones() {
         let s =
             ok("sweep:\n  variants:\n    a: {}\n    b: { color.strength: 0.25 }\n    c: { color: off }\n");
-        let dir = temp_dir("resume");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("sweep");
         let mut fake = Fake { ran: vec![], fail_on: Some("b".into()) };
         let e = run(&s, &dir, &mut fake, |_| {}).unwrap_err();
         assert_eq!(e, "b failed");
@@ -1265,13 +1275,13 @@ mod tests {
         let e = run(&changed, &dir, &mut fake, |_| {}).unwrap_err();
         assert!(e.contains("finished variant 'b' ran with a different pipeline"), "{e}");
         assert!(fake.ran.is_empty());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn report_leaves_missing_metrics_empty() {
         let s = ok("sweep:\n  metrics: [simclr.linear_top1, chains.0.samples, nope.x]\n  variants: { a: {}, b: {}, c: {} }\n");
-        let dir = temp_dir("report");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         std::fs::create_dir_all(dir.join("a")).unwrap();
         std::fs::create_dir_all(dir.join("c")).unwrap();
         std::fs::write(dir.join("a/results.json"), r#"{"chains": [{"samples": 50}]}"#).unwrap();
@@ -1285,7 +1295,6 @@ mod tests {
         let md = rep.to_markdown(&s, None);
         assert!(md.contains("| b (not finished) |"), "{md}");
         assert!(md.contains("## Warnings"), "{md}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -1318,13 +1327,12 @@ mod tests {
 
     #[test]
     fn write_atomic_replaces_whole() {
-        let dir = temp_dir("atomic");
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let p = dir.join("results.json");
         write_atomic(&p, b"one").unwrap();
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "two");
         assert!(!dir.join("results.json.tmp").exists());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
