@@ -91,7 +91,7 @@ fn short(v: f64) -> String {
     let a = v.abs();
     if a != 0.0 && !(1e-3..1e5).contains(&a) {
         format!("{v:.2e}")
-    } else if a >= 100.0 {
+    } else if a >= 10.0 {
         format!("{v:.1}")
     } else if a >= 1.0 {
         format!("{v:.2}")
@@ -166,12 +166,13 @@ pub fn bar_chart(path: &Path, title: &str, value_label: &str, bars: &[(String, O
             let row = (n - 1 - i) as i32;
             match v.filter(|v| v.is_finite()) {
                 Some(v) => {
-                    chart
-                        .draw_series(std::iter::once(Rectangle::new(
-                            [(base, SegmentValue::Exact(row)), (v, SegmentValue::Exact(row + 1))],
-                            PALETTE[0].filled(),
-                        )))
-                        .map_err(plot_err)?;
+                    let mut bar = Rectangle::new(
+                        [(base, SegmentValue::Exact(row)), (v, SegmentValue::Exact(row + 1))],
+                        PALETTE[0].filled(),
+                    );
+                    // A gap between neighbouring bars.
+                    bar.set_margin(5, 5, 0, 0);
+                    chart.draw_series(std::iter::once(bar)).map_err(plot_err)?;
                     let at = (v.max(base), SegmentValue::CenterOf(row));
                     let style = TextStyle::from((FONT, 15)).pos(Pos::new(HPos::Left, VPos::Center));
                     chart
