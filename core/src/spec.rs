@@ -379,9 +379,11 @@ pub fn apply_change(
         set_path(&mut stages[idx], &rest, value, stage_pos, at);
         return Ok(());
     }
-    if rest.is_empty() && TOP_KEYS.contains(&head) && head != "stages" {
+    if (rest.is_empty() || head == "sweep") && TOP_KEYS.contains(&head) && head != "stages" {
+        // `sweep.metrics=[...]` reaches into the sweep section; other top-level keys are scalars.
         let pos = doc.pos;
-        set_path(doc, &[head], value, pos, at);
+        let path: Vec<&str> = std::iter::once(head).chain(rest.iter().copied()).collect();
+        set_path(doc, &path, value, pos, at);
         return Ok(());
     }
     let fix = match crate::suggest(head, ids.iter().map(String::as_str)) {

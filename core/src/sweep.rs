@@ -1116,6 +1116,17 @@ mod tests {
     }
 
     #[test]
+    fn the_command_line_reaches_into_the_sweep_section() {
+        let src = format!("{BASE}sweep:\n  variants: {{ a: {{}} }}\n");
+        let mut doc = crate::yaml::parse(&src).unwrap();
+        spec::apply_override(&mut doc, "sweep.metrics=[simclr.knn_top1]").unwrap();
+        spec::apply_override(&mut doc, "sweep.variants.b={color: off}").unwrap();
+        let s = parse(Path::new("p.yaml"), &doc).unwrap().unwrap();
+        assert_eq!(s.metrics, ["simclr.knn_top1"]);
+        assert_eq!(names(&s), ["a", "b"]);
+    }
+
+    #[test]
     fn overrides_set_nested_fields_and_top_level_keys() {
         let s = ok("sweep:\n  variants:\n    a: { color.strength: 0.125, color.extra.deep: 3, seed: 7 }\n");
         let doc = &s.variants[0].doc;
