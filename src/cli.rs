@@ -11,6 +11,8 @@ use simclr_core::{run_plan, Diagnostics, Plan, RunError, RunOptions, RunReport};
 
 #[path = "plugins_cmd.rs"]
 mod plugins_cmd;
+#[path = "sweep_cmd.rs"]
+mod sweep_cmd;
 
 /// The demo pipeline, embedded so `simclr demo` needs no files.
 const DEMO: &str = include_str!("../pipelines/demo.yaml");
@@ -29,17 +31,17 @@ struct Cli {
 }
 
 #[derive(clap::Args, Clone, Default)]
-struct Common {
+pub(crate) struct Common {
     /// Override a field (`crop.size=64`), a top-level key (`seed=3`) or switch a stage off
     /// (`color=off`). Repeatable; applied in order before validation.
     #[arg(long = "set", value_name = "STAGE.FIELD=VALUE")]
-    set: Vec<String>,
+    pub(crate) set: Vec<String>,
     /// Worker threads for per-sample stages [default: all cores].
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Pipeline seed (overrides the file's `seed`).
     #[arg(long)]
-    seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -70,6 +72,17 @@ enum Command {
         /// it started with).
         #[arg(long, value_name = "DIR")]
         resume: Option<PathBuf>,
+    },
+    /// Run every variant of a pipeline's `sweep:` section, then write a report
+    /// (results.csv, results.md, chart.png). Rerun with the same --out to resume.
+    Sweep {
+        file: PathBuf,
+        #[command(flatten)]
+        common: Common,
+        /// Sweep directory [default: runs/<name>/sweep-<timestamp>]; variants run in
+        /// DIR/<variant>/, and finished ones (with results.json) are skipped on a rerun.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Run the embedded demo pipeline.
     Demo {
@@ -169,7 +182,10 @@ pub fn main() -> i32 {
         .with_target(false)
         .without_time()
         .try_init();
-    if matches!(cli.command, Some(Command::Run { .. } | Command::Demo { .. } | Command::Bench { .. })) {
+    if matches!(
+        cli.command,
+        Some(Command::Run { .. } | Command::Sweep { .. } | Command::Demo { .. } | Command::Bench { .. })
+    ) {
         // Install the Ctrl-C handler before any slow work, so an early Ctrl-C is handled too.
         interrupt_flag();
     }
@@ -197,7 +213,7 @@ pub fn main() -> i32 {
 }
 
 /// Every built-in stage kind: data and augmentation stages, then training.
-fn registry() -> simclr_core::Registry {
+pub(crate) fn registry() -> simclr_core::Registry {
     let mut r = simclr_stages::registry();
     simclr_train::register(&mut r);
     r
@@ -209,9 +225,14 @@ fn load(file: &Path, set: &[String], seed: Option<u64>) -> Result<Plan, Failure>
         set.push(format!("seed={s}"));
     }
     let spec = simclr_core::spec::load(file, &set)?;
+    Ok(check(spec)?)
+}
+
+/// Validates a parsed pipeline against the built-in kinds and its plugins.
+pub(crate) fn check(spec: simclr_core::PipelineSpec) -> Result<Plan, Diagnostics> {
     let mut registry = registry();
     plugins_cmd::load_plugins(&spec, &mut registry)?;
-    Ok(simclr_core::validate(spec, &registry)?)
+    simclr_core::validate(spec, &registry)
 }
 
 fn load_str(name: &Path, src: &str, set: &[String], seed: Option<u64>) -> Result<Plan, Failure> {
@@ -229,8 +250,19 @@ fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
         Command::Validate { file, set } => {
             let plan = load(&file, &set, None)?;
+            let sweep = match simclr_core::sweep::parse(&file, &plan.spec.doc)? {
+                Some(sw) => {
+                    sw.check(|_, spec| check(spec))?;
+                    format!(
+                        ", sweep of {} variant{}",
+                        sw.variants.len(),
+                        if sw.variants.len() == 1 { "" } else { "s" }
+                    )
+                }
+                None => String::new(),
+            };
             println!(
-                "{}: valid ({} stages, {} chain{})",
+                "{}: valid ({} stages, {} chain{}{sweep})",
                 file.display(),
                 plan.stages.len(),
                 plan.chains().len(),
@@ -245,6 +277,12 @@ fn dispatch(command: Command) -> Result<(), Failure> {
         }
         Command::Run { file, common, out, resume: None } => {
             let plan = load(&file, &common.set, common.seed)?;
+            if plan.spec.sweep.is_some() {
+                eprintln!(
+                    "note: {} has a `sweep:` section; `run` runs the base pipeline, `simclr sweep` its variants",
+                    file.display()
+                );
+            }
             run(&plan, &common, out)
         }
         Command::Run { file, common, resume: Some(dir), .. } => {
@@ -252,6 +290,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             check_resume(&plan, &file, &dir)?;
             run_in(&plan, &common, dir, true)
         }
+        Command::Sweep { file, common, out } => sweep_cmd::sweep(&file, &common, out),
         Command::Demo { common, out } => {
             let plan = load_str(Path::new("pipelines/demo.yaml"), DEMO, &common.set, common.seed)?;
             run(&plan, &common, out)
@@ -342,8 +381,10 @@ fn run(plan: &Plan, common: &Common, out: Option<PathBuf>) -> Result<(), Failure
     run_in(plan, common, dir, false)
 }
 
-/// Runs `plan` in `dir`: a new run, or (`resume`) the continuation of the one there.
-fn run_in(plan: &Plan, common: &Common, dir: PathBuf, resume: bool) -> Result<(), Failure> {
+/// Runs `plan` in `dir` as `simclr run` does: a new run, or (`resume`) the continuation of the
+/// one there. `results.json` is written last and atomically, so its presence means the run
+/// finished (sweeps rely on it).
+pub(crate) fn run_in(plan: &Plan, common: &Common, dir: PathBuf, resume: bool) -> Result<(), Failure> {
     let mut opts = options(plan, common);
     opts.run_dir = Some(dir.clone());
     opts.resume = resume;
@@ -377,17 +418,16 @@ fn run_in(plan: &Plan, common: &Common, dir: PathBuf, resume: bool) -> Result<()
         "chains".into(),
         serde_json::to_value(reports.iter().map(|(_, r)| r).collect::<Vec<_>>()).unwrap_or_default(),
     );
-    let plots: Vec<String> = Vec::new();
+    let plots = crate::report::plots(&dir, plan);
     crate::report::write_markdown(&dir, &plan.spec.name, &results, &plots)
         .with_context(|| format!("cannot write into {}", dir.display()))?;
     if results.contains_key("evals") {
         println!("\n{}", crate::report::table(&results));
     }
     // Written last and atomically: its presence means the run finished.
-    let tmp = dir.join("results.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&results).unwrap_or_default())
-        .and_then(|_| std::fs::rename(&tmp, dir.join("results.json")))
-        .with_context(|| format!("cannot write into {}", dir.display()))?;
+    let path = dir.join(simclr_core::sweep::RESULTS_FILE);
+    simclr_core::sweep::write_atomic(&path, serde_json::to_string_pretty(&results).unwrap_or_default().as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
     println!("run directory: {}", dir.display());
     Ok(())
 }

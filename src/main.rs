@@ -3,6 +3,7 @@
 //! input, 130 interrupted).
 
 mod cli;
+mod plot;
 mod render;
 mod report;
 mod train_bench;

@@ -118,6 +118,76 @@ pub fn write_markdown(
     std::fs::write(dir.join("report.md"), s)
 }
 
+/// Series of `key` against the step, from `metrics.jsonl` lines of type `kind`.
+fn series(lines: &[Value], kind: &str, key: &str) -> Vec<(f64, f64)> {
+    lines
+        .iter()
+        .filter(|l| l["type"].as_str() == Some(kind))
+        .filter_map(|l| Some((l["step"].as_f64()?, l[key].as_f64()?)))
+        .collect()
+}
+
+/// Draws the training curves of the run in `dir` (from its `metrics.jsonl`) and the preview grid
+/// of the plan's first chain; returns the files written. A plot that cannot be drawn is logged
+/// and left out: the run itself succeeded.
+pub fn plots(dir: &Path, plan: &simclr_core::Plan) -> Vec<String> {
+    let lines: Vec<Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let mut out = Vec::new();
+    let mut draw = |file: &str, title: &str, y: &str, s: Vec<(&str, Vec<(f64, f64)>)>| {
+        if s.iter().all(|(_, pts)| pts.is_empty()) {
+            return;
+        }
+        match crate::plot::line_chart(&dir.join(file), title, "step", y, &s) {
+            Ok(()) => out.push(file.to_string()),
+            Err(e) => tracing::warn!("cannot draw {file}: {e}"),
+        }
+    };
+    draw(
+        "loss.png",
+        "SimCLR loss",
+        "loss",
+        vec![("per step", series(&lines, "step", "loss")), ("epoch mean", series(&lines, "epoch", "loss"))],
+    );
+    draw(
+        "contrast_acc.png",
+        "Contrastive accuracy (positive ranked first)",
+        "contrast_acc",
+        vec![
+            ("per step", series(&lines, "step", "contrast_acc")),
+            ("epoch mean", series(&lines, "epoch", "contrast_acc")),
+        ],
+    );
+    draw("lr.png", "Learning rate", "lr", vec![("lr", series(&lines, "step", "lr"))]);
+    draw(
+        "knn.png",
+        "kNN monitor accuracy (held-out split)",
+        "top-1 %",
+        vec![("kNN top-1", series(&lines, "monitor", "knn_top1"))],
+    );
+    draw(
+        "supervised_loss.png",
+        "Supervised baseline loss",
+        "cross-entropy",
+        vec![("per step", series(&lines, "supervised_step", "loss"))],
+    );
+    match simclr_stages::report::preview::collect(plan, 8) {
+        Ok(rows) if !rows.is_empty() => {
+            let img = simclr_stages::report::preview::grid(&rows, 96);
+            match simclr_stages::report::preview::write_png(&img, &dir.join("views.png")) {
+                Ok(()) => out.push("views.png".into()),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot draw views.png: {e}"),
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -79,7 +79,6 @@ fn shipped_pipelines_validate_and_are_deterministic() {
         if file.file_name().is_some_and(|n| n.to_string_lossy().starts_with("plugin-")) {
             continue;
         }
-        let text = std::fs::read_to_string(&file).unwrap();
         // Point every file-based source at the fixtures.
         let sets = fixture_sets(&file, &jpeg, &cifar);
         let mut validate = Command::cargo_bin("simclr").unwrap();

@@ -5,11 +5,13 @@ use std::path::PathBuf;
 
 use crate::yaml::Pos;
 
-/// One problem in a pipeline file: `FILE:LINE:COL: stage 'ID': WHAT (HOW TO FIX)`.
+/// One problem in a pipeline file: `FILE:LINE:COL: [variant 'V': ][stage 'ID': ]WHAT (HOW TO FIX)`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Diagnostic {
     pub file: PathBuf,
     pub pos: Pos,
+    /// Where in a multi-pipeline file the problem is, e.g. `variant 'crop+color'`.
+    pub context: Option<String>,
     pub stage: Option<String>,
     pub message: String,
     pub fix: Option<String>,
@@ -17,11 +19,16 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn new(file: impl Into<PathBuf>, pos: Pos, message: impl Into<String>) -> Self {
-        Self { file: file.into(), pos, stage: None, message: message.into(), fix: None }
+        Self { file: file.into(), pos, context: None, stage: None, message: message.into(), fix: None }
     }
 
     pub fn stage(mut self, id: impl Into<String>) -> Self {
         self.stage = Some(id.into());
+        self
+    }
+
+    pub fn context(mut self, context: impl Into<String>) -> Self {
+        self.context = Some(context.into());
         self
     }
 
@@ -34,6 +41,9 @@ impl Diagnostic {
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}:{}: ", self.file.display(), self.pos.line, self.pos.col)?;
+        if let Some(context) = &self.context {
+            write!(f, "{context}: ")?;
+        }
         if let Some(stage) = &self.stage {
             write!(f, "stage '{stage}': ")?;
         }

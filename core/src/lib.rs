@@ -11,6 +11,7 @@ pub mod runtime;
 pub mod sample;
 pub mod spec;
 pub mod stage;
+pub mod sweep;
 pub mod yaml;
 
 pub use artifact::Artifacts;

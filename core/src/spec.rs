@@ -72,7 +72,9 @@ pub fn parse(file: &Path, src: &str, overrides: &[String]) -> Result<PipelineSpe
     diags.into_result(spec)
 }
 
-fn from_doc(file: &Path, doc: Spanned<Node>, diags: &mut Diagnostics) -> PipelineSpec {
+/// Reads a pipeline document (overrides already applied) into a spec, reporting problems of
+/// its shape (not yet of its stages' kinds) into `diags`.
+pub fn from_doc(file: &Path, doc: Spanned<Node>, diags: &mut Diagnostics) -> PipelineSpec {
     let d = |pos: Pos, msg: String| Diagnostic::new(file, pos, msg);
     let mut spec = PipelineSpec {
         file: file.to_path_buf(),
@@ -292,17 +294,44 @@ pub fn valid_id(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
-/// Applies one `--set` override to the document: `STAGE.FIELD[.SUB]=VALUE`, `STAGE=off`, or a
-/// top-level `KEY=VALUE`. Errors are (what, how to fix).
+/// Applies one `--set` override to the document: `STAGE.FIELD[.SUB]=VALUE`, `STAGE=off`,
+/// `STAGE={kind: ..., ...}` (a swap), or a top-level `KEY=VALUE`. Errors are (what, how to fix).
 pub fn apply_override(doc: &mut Spanned<Node>, o: &str) -> Result<(), (String, String)> {
     let Some((lhs, rhs)) = o.split_once('=') else {
         return Err(("missing `=`".into(), "write `--set STAGE.FIELD=VALUE` or `--set STAGE=off`".into()));
     };
     let value = yaml::parse_value(rhs)
         .map_err(|e| (format!("the value is not valid YAML: {}", e.message), "quote it".into()))?;
-    let mut path = lhs.split('.');
+    // A command-line value has no place in the file: it takes the position of what it replaces.
+    apply_change(doc, lhs, Spanned::new(value, Pos::default()), None)
+}
+
+/// Applies one change to a pipeline document, as `--set` and sweep variants do:
+/// - `STAGE.FIELD[.SUB]` = value: sets a field of a stage (creating mappings on the way);
+/// - `STAGE` = `off` (or `false`): removes the stage (the next stage then takes its input);
+/// - `STAGE` = `{kind: ..., ...}`: swaps the whole stage for another, keeping its id, its
+///   position in the list and its `input`/`inputs`/`workers`/`capacity` unless given;
+/// - `KEY` = value for a top-level key (`seed`, `name`, `fuse`, `chunk`, ...).
+///
+/// `at` is where the change is written (the position of `target`), for a change written in the
+/// file (a sweep variant): the changed key gets that position and the value keeps its own, so
+/// errors point at the change. With `None` (a value from the command line) the new value takes
+/// the position of the value it replaces. Errors are (what, how to fix).
+pub fn apply_change(
+    doc: &mut Spanned<Node>,
+    target: &str,
+    value: Spanned<Node>,
+    at: Option<Pos>,
+) -> Result<(), (String, String)> {
+    let mut path = target.split('.');
     let head = path.next().unwrap_or_default();
     let rest: Vec<&str> = path.collect();
+    if rest.iter().any(|s| s.is_empty()) || head.is_empty() {
+        return Err((
+            format!("`{target}` is not a path"),
+            "write `STAGE.FIELD`, `STAGE.FIELD.SUB` or `STAGE`".into(),
+        ));
+    }
     let Node::Map(top) = &mut doc.value else {
         return Err(("the pipeline file is not a mapping".into(), "fix the file first".into()));
     };
@@ -321,7 +350,7 @@ pub fn apply_override(doc: &mut Spanned<Node>, o: &str) -> Result<(), (String, S
             .position(|s| s.value.get("id").and_then(|n| n.value.as_str()) == Some(head))
             .ok_or_else(|| ("stage vanished".to_string(), String::new()))?;
         if rest.is_empty() {
-            return match &value {
+            return match value.value {
                 Node::Str(s) if s == "off" => {
                     stages.remove(idx);
                     Ok(())
@@ -330,19 +359,31 @@ pub fn apply_override(doc: &mut Spanned<Node>, o: &str) -> Result<(), (String, S
                     stages.remove(idx);
                     Ok(())
                 }
+                Node::Map(entries) if entries.iter().any(|(k, _)| k.value == "kind") => {
+                    let pos = if at.is_none() { stages[idx].pos } else { value.pos };
+                    stages[idx] = swapped(&stages[idx], head, entries, pos)?;
+                    Ok(())
+                }
                 _ => Err((
-                    format!("a whole stage can only be switched `off`, not set to `{rhs}`"),
-                    format!("write `--set {head}=off` or `--set {head}.FIELD=VALUE`"),
+                    format!(
+                        "a whole stage can only be switched `off` or swapped, not set to {}",
+                        describe(&value.value)
+                    ),
+                    format!(
+                        "write `{head}: off`, `{head}: {{kind: KIND, ...}}` (a swap) or `{head}.FIELD: VALUE`"
+                    ),
                 )),
             };
         }
         let stage_pos = stages[idx].pos;
-        set_path(&mut stages[idx], &rest, value, stage_pos);
+        set_path(&mut stages[idx], &rest, value, stage_pos, at);
         return Ok(());
     }
-    if rest.is_empty() && TOP_KEYS.contains(&head) && head != "stages" {
+    if (rest.is_empty() || head == "sweep") && TOP_KEYS.contains(&head) && head != "stages" {
+        // `sweep.metrics=[...]` reaches into the sweep section; other top-level keys are scalars.
         let pos = doc.pos;
-        set_path(doc, &[head], value, pos);
+        let path: Vec<&str> = std::iter::once(head).chain(rest.iter().copied()).collect();
+        set_path(doc, &path, value, pos, at);
         return Ok(());
     }
     let fix = match crate::suggest(head, ids.iter().map(String::as_str)) {
@@ -350,6 +391,81 @@ pub fn apply_override(doc: &mut Spanned<Node>, o: &str) -> Result<(), (String, S
         None => format!("stages: {}", ids.join(", ")),
     };
     Err((format!("no stage `{head}`"), fix))
+}
+
+/// The stage that replaces `old` in a swap: `entries` with the old id, and the old wiring and
+/// threading keys where `entries` does not give them.
+fn swapped(
+    old: &Spanned<Node>,
+    id: &str,
+    entries: Vec<(Spanned<String>, Spanned<Node>)>,
+    pos: Pos,
+) -> Result<Spanned<Node>, (String, String)> {
+    if let Some((_, v)) = entries.iter().find(|(k, _)| k.value == "id") {
+        if v.value.as_str() != Some(id) {
+            return Err((
+                format!("a swap keeps the stage id `{id}`"),
+                "leave `id` out of the new stage".into(),
+            ));
+        }
+    }
+    let mut out: Vec<(Spanned<String>, Spanned<Node>)> = Vec::with_capacity(entries.len() + 2);
+    match old.value.key_pos("id").zip(old.value.get("id")) {
+        Some((kpos, v)) => out.push((Spanned::new("id".into(), kpos), v.clone())),
+        None => out.push((Spanned::new("id".into(), pos), Spanned::new(Node::Str(id.into()), pos))),
+    }
+    let gives_input = entries.iter().any(|(k, _)| k.value == "input" || k.value == "inputs");
+    if let Node::Map(old_entries) = &old.value {
+        for (k, v) in old_entries {
+            let keep = match k.value.as_str() {
+                "input" | "inputs" => !gives_input,
+                "workers" | "capacity" => !entries.iter().any(|(e, _)| e.value == k.value),
+                _ => false,
+            };
+            if keep {
+                out.push((k.clone(), v.clone()));
+            }
+        }
+    }
+    out.extend(entries.into_iter().filter(|(k, _)| k.value != "id"));
+    Ok(Spanned::new(Node::Map(out), pos))
+}
+
+/// A value as a short flow-YAML text, for messages and reports.
+pub fn describe(node: &Node) -> String {
+    match node {
+        Node::Null => "null".into(),
+        Node::Bool(b) => b.to_string(),
+        Node::Int(i) => i.to_string(),
+        Node::Float(f) => {
+            if f.is_finite() && f.fract() == 0.0 && f.abs() < 1e15 {
+                format!("{f:.1}")
+            } else {
+                f.to_string()
+            }
+        }
+        Node::Str(s) => {
+            let plain = !s.is_empty()
+                && s.chars().all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'))
+                && matches!(crate::yaml::parse_value(s), Ok(Node::Str(_)));
+            if plain {
+                s.clone()
+            } else {
+                format!("{s:?}")
+            }
+        }
+        Node::Seq(items) => {
+            format!("[{}]", items.iter().map(|i| describe(&i.value)).collect::<Vec<_>>().join(", "))
+        }
+        Node::Map(entries) => format!(
+            "{{{}}}",
+            entries
+                .iter()
+                .map(|(k, v)| format!("{}: {}", k.value, describe(&v.value)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 fn stage_ids(top: &[(Spanned<String>, Spanned<Node>)]) -> Vec<String> {
@@ -367,11 +483,17 @@ fn stage_ids(top: &[(Spanned<String>, Spanned<Node>)]) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Sets a nested key, creating mappings on the way; the new value keeps the position of the
-/// value it replaces (so errors still point into the file) or else of its parent.
-fn set_path(node: &mut Spanned<Node>, path: &[&str], value: Node, fallback: Pos) {
+/// Sets a nested key, creating mappings on the way. With `at` (a change written in the file),
+/// the set key takes that position and the value keeps its own; without, the new value keeps
+/// the position of the value it replaces (so errors still point into the file) or else of its
+/// parent.
+fn set_path(node: &mut Spanned<Node>, path: &[&str], value: Spanned<Node>, fallback: Pos, at: Option<Pos>) {
     let Some((first, rest)) = path.split_first() else {
-        node.value = value;
+        if at.is_none() {
+            node.value = value.value;
+        } else {
+            *node = value;
+        }
         return;
     };
     if !matches!(node.value, Node::Map(_)) {
@@ -381,11 +503,15 @@ fn set_path(node: &mut Spanned<Node>, path: &[&str], value: Node, fallback: Pos)
     let idx = match entries.iter().position(|(k, _)| k.value == *first) {
         Some(i) => i,
         None => {
-            entries.push((Spanned::new(first.to_string(), fallback), Spanned::new(Node::Null, fallback)));
+            let pos = at.unwrap_or(fallback);
+            entries.push((Spanned::new(first.to_string(), pos), Spanned::new(Node::Null, pos)));
             entries.len() - 1
         }
     };
+    if let (Some(at), true) = (at, rest.is_empty()) {
+        entries[idx].0.pos = at;
+    }
     let child = &mut entries[idx].1;
     let pos = child.pos;
-    set_path(child, rest, value, pos);
+    set_path(child, rest, value, pos, at);
 }

@@ -16,6 +16,9 @@ use super::linear::Features;
 use crate::config::SimclrTrain;
 use crate::trainer::Engine;
 
+/// A function from a batch of images (N x 3 x H x W) to their features (N x dim).
+pub type EncodeFn<'a> = dyn Fn(&[f32], [usize; 4]) -> Result<Vec<f32>, String> + 'a;
+
 /// Computes the representation h of a batch of images (N x 3 x H x W), frozen.
 pub trait Encode: Send {
     fn encode(&self, images: &[f32], shape: [usize; 4]) -> Result<Vec<f32>, String>;
@@ -190,7 +193,7 @@ pub fn eval_len(data: &DataSource) -> u64 {
 /// at a time).
 pub fn extract(
     who: &str,
-    encode: &dyn Fn(&[f32], [usize; 4]) -> Result<Vec<f32>, String>,
+    encode: &EncodeFn<'_>,
     data: &DataSource,
     t: &EvalTransform,
     seed: u64,

@@ -78,19 +78,20 @@ fn sgd() -> OptimizerConfig {
 impl SupervisedTrain {
     /// The model as a `simclr_train` config: the same encoder, a linear head to `classes`.
     pub fn arch(&self) -> Result<SimclrTrain, String> {
-        let mut arch = SimclrTrain::default();
-        arch.backbone = self.backbone;
-        arch.stem = self.stem;
-        arch.width = self.width;
-        arch.head = serde_json::from_value(
-            serde_json::json!({"kind": "linear", "out_dim": self.classes, "bn": false}),
-        )
-        .map_err(|e| e.to_string())?;
-        arch.optimizer = self.optimizer.clone();
-        arch.epochs = self.epochs;
-        arch.warmup_epochs = self.warmup_epochs;
-        arch.device = self.device.clone();
-        arch.log_every = self.log_every;
+        let head = serde_json::from_value(serde_json::json!({"kind": "linear", "out_dim": self.classes, "bn": false}))
+            .map_err(|e| e.to_string())?;
+        let arch = SimclrTrain {
+            backbone: self.backbone,
+            stem: self.stem,
+            width: self.width,
+            head,
+            optimizer: self.optimizer.clone(),
+            epochs: self.epochs,
+            warmup_epochs: self.warmup_epochs,
+            device: self.device.clone(),
+            log_every: self.log_every,
+            ..SimclrTrain::default()
+        };
         Ok(arch)
     }
 
