@@ -1,5 +1,6 @@
 //! `to_tensor` (per sample, on the workers) and `batch` (in order, on the collector).
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -9,6 +10,8 @@ use simclr_core::{
 };
 
 /// `to_tensor`: RGB8 views to f32 3 x H x W in [0, 1], optionally normalized.
+use crate::augment::color::multiversion;
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ToTensor {
@@ -41,41 +44,66 @@ impl StageConfig for ToTensor {
     }
     fn build(&self, _cx: &Context) -> Result<Stage, StageError> {
         let (mean, std) = (self.mean.unwrap_or([0.0; 3]), self.std.unwrap_or([1.0; 3]));
-        Ok(Stage::Map(Arc::new(ToTensorStage { luts: Luts::new(mean, std) })))
+        Ok(Stage::Map(Arc::new(ToTensorStage { affine: Affine::new(mean, std) })))
     }
 }
 
 /// Planar f32 tensor of an RGB8 image, with `(x / 255 - mean) / std` per channel.
 pub fn image_to_chw(img: &Image, mean: [f32; 3], std: [f32; 3]) -> Tensor {
-    image_to_chw_lut(img, &Luts::new(mean, std))
+    image_to_chw_with(img, &Affine::new(mean, std))
 }
 
-/// Each channel's 256 possible outputs, computed once with the per-pixel formula
-/// `x * (1 / (255 std)) - mean / std`, so lookups are bit-identical to computing it.
-struct Luts([[f32; 256]; 3]);
+/// `x * scale - shift` per channel, with `scale = 1 / (255 std)` and `shift = mean / std`.
+struct Affine {
+    scale: [f32; 3],
+    shift: [f32; 3],
+}
 
-impl Luts {
+impl Affine {
     fn new(mean: [f32; 3], std: [f32; 3]) -> Self {
-        Self(std::array::from_fn(|c| {
-            let scale = 1.0 / (255.0 * std[c]);
-            let shift = mean[c] / std[c];
-            std::array::from_fn(|x| f32::from(x as u8) * scale - shift)
-        }))
+        Self {
+            scale: std::array::from_fn(|c| 1.0 / (255.0 * std[c])),
+            shift: std::array::from_fn(|c| mean[c] / std[c]),
+        }
     }
 }
 
-/// Writes each plane in one pass, without zero-filling the buffer first.
-fn image_to_chw_lut(img: &Image, luts: &Luts) -> Tensor {
-    let mut data = Vec::with_capacity(3 * img.pixels());
-    for (c, lut) in luts.0.iter().enumerate() {
-        data.extend(img.data.chunks_exact(3).map(|px| lut[usize::from(px[c])]));
+multiversion! {
+    /// Interleaved u8 RGB -> the three f32 planes `r`, `g`, `b` (one multiply and one subtract
+    /// per value: the same bits in every build).
+    fn deinterleave(src: &[u8], r: &mut [MaybeUninit<f32>], g: &mut [MaybeUninit<f32>], b: &mut [MaybeUninit<f32>], scale: [f32; 3], shift: [f32; 3]) {
+        for (((px, r), g), b) in src.chunks_exact(3).zip(r.iter_mut()).zip(g.iter_mut()).zip(b.iter_mut()) {
+            r.write(f32::from(px[0]) * scale[0] - shift[0]);
+            g.write(f32::from(px[1]) * scale[1] - shift[1]);
+            b.write(f32::from(px[2]) * scale[2] - shift[2]);
+        }
     }
-    Tensor { shape: vec![3, img.height as usize, img.width as usize], data }
+}
+
+/// Writes the planes straight into the tensor's buffer, without zero-filling it first.
+fn image_to_chw_with(img: &Image, f: &Affine) -> Tensor {
+    let n = img.pixels();
+    let shape = vec![3, img.height as usize, img.width as usize];
+    let Some(src) = img.data.get(..3 * n) else {
+        // A buffer shorter than its size says (only a hand-made `Image`): the missing values are 0.
+        let mut src = img.data.clone();
+        src.resize(3 * n, 0);
+        return image_to_chw_with(&Image { data: src, ..*img }, f);
+    };
+    let mut data: Vec<f32> = Vec::with_capacity(3 * n);
+    let spare = &mut data.spare_capacity_mut()[..3 * n];
+    let (r, rest) = spare.split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
+    deinterleave(src, r, g, b, f.scale, f.shift);
+    // SAFETY: `deinterleave` wrote all 3n values: `src` holds exactly n pixels and each of
+    // the planes n slots.
+    unsafe { data.set_len(3 * n) };
+    Tensor { shape, data }
 }
 
 /// The built `to_tensor` stage.
 struct ToTensorStage {
-    luts: Luts,
+    affine: Affine,
 }
 
 impl MapStage for ToTensorStage {
@@ -83,7 +111,7 @@ impl MapStage for ToTensorStage {
         let Payload::Views(views) = &sample.payload else {
             return Err(StageError::fatal("`to_tensor` needs image views"));
         };
-        let tensors = views.iter().map(|v| image_to_chw_lut(v, &self.luts)).collect();
+        let tensors = views.iter().map(|v| image_to_chw_with(v, &self.affine)).collect();
         sample.payload = Payload::Tensors(tensors);
         Ok(())
     }
@@ -264,6 +292,14 @@ mod tests {
                 assert_eq!(t.data[c * 256 + i].to_bits(), want.to_bits());
             }
         }
+    }
+
+    #[test]
+    fn a_short_buffer_is_not_a_panic() {
+        let img = Image { width: 2, height: 2, data: vec![255; 6] };
+        let t = image_to_chw(&img, [0.0; 3], [1.0; 3]);
+        assert_eq!(t.data.len(), 12);
+        assert_eq!((t.data[0], t.data[3]), (1.0, 0.0));
     }
 
     #[test]
