@@ -426,8 +426,11 @@ pub(crate) fn run_in(plan: &Plan, common: &Common, dir: PathBuf, resume: bool) -
     }
     // Written last and atomically: its presence means the run finished.
     let path = dir.join(simclr_core::sweep::RESULTS_FILE);
-    simclr_core::sweep::write_atomic(&path, serde_json::to_string_pretty(&results).unwrap_or_default().as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    simclr_core::sweep::write_atomic(
+        &path,
+        serde_json::to_string_pretty(&results).unwrap_or_default().as_bytes(),
+    )
+    .with_context(|| format!("cannot write {}", path.display()))?;
     println!("run directory: {}", dir.display());
     Ok(())
 }

@@ -20,7 +20,7 @@ pub use error::{Diagnostic, Diagnostics, RunError, StageError};
 pub use graph::{validate, Chain, Plan, PlannedStage};
 pub use rng::StageRng;
 pub use runtime::{run_chain, ChainStages, RunOptions, RunReport, StageInfo, StageMetrics};
-pub use sample::{Batch, Image, Payload, Sample, Tensor};
+pub use sample::{Batch, BufferPool, Image, Payload, Sample, Tensor};
 pub use spec::PipelineSpec;
 pub use stage::{
     Batcher, Configured, Context, Factory, MapStage, OnError, PortType, Problem, Registry, Role, SampleCtx,

@@ -52,16 +52,19 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Image, String> {
     if bytes.is_empty() {
         return Err("empty file".into());
     }
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        if let Some(img) = decode_jpeg_rgb(bytes, max_pixels)? {
+            return Ok(img);
+        }
+    }
     let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
     if reader.format().is_none() {
         return Err("not a JPEG, PNG or WebP file".into());
     }
     let (w, h) = reader.into_dimensions().map_err(|e| format!("cannot read the header: {e}"))?;
     let pixels = u64::from(w) * u64::from(h);
-    if pixels > max_pixels {
-        return Err(format!(
-            "{w}x{h} = {pixels} pixels is over max_pixels = {max_pixels} (raise `max_pixels` if it is real)"
-        ));
+    if let Some(e) = too_many_pixels(u64::from(w), u64::from(h), max_pixels) {
+        return Err(e);
     }
     let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
     let mut limits = Limits::default();
@@ -73,6 +76,46 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Image, String> {
     let (w, h) = rgb.dimensions();
     Image::from_raw(w, h, rgb.into_raw())
         .ok_or_else(|| "decoder returned a buffer of the wrong size".to_string())
+}
+
+fn too_many_pixels(w: u64, h: u64, max_pixels: u64) -> Option<String> {
+    let pixels = w * h;
+    (pixels > max_pixels).then(|| {
+        format!(
+            "{w}x{h} = {pixels} pixels is over max_pixels = {max_pixels} (raise `max_pixels` if it is real)"
+        )
+    })
+}
+
+/// JPEG straight through zune-jpeg (the decoder `image` wraps, with the options `image` sets),
+/// for the common YCbCr and RGB files: their headers are parsed once and the bytes are not
+/// copied, where `image` parses them for the size check and again for decoding, copying the
+/// file each time. The pixels are the same. `None`: another colour space (grayscale, CMYK),
+/// left to `image` for its conversions.
+fn decode_jpeg_rgb(bytes: &[u8], max_pixels: u64) -> Result<Option<Image>, String> {
+    use zune_core::colorspace::ColorSpace;
+    let options = zune_core::options::DecoderOptions::default()
+        .set_strict_mode(false)
+        .set_max_width(usize::MAX)
+        .set_max_height(usize::MAX)
+        .jpeg_set_out_colorspace(ColorSpace::RGB);
+    let mut decoder =
+        zune_jpeg::JpegDecoder::new_with_options(zune_core::bytestream::ZCursor::new(bytes), options);
+    decoder.decode_headers().map_err(|e| format!("cannot read the header: {e}"))?;
+    if !matches!(decoder.input_colorspace(), Some(ColorSpace::YCbCr | ColorSpace::RGB)) {
+        return Ok(None);
+    }
+    let Some((w, h)) = decoder.dimensions() else {
+        return Err("cannot read the header: no size".into());
+    };
+    if let Some(e) = too_many_pixels(w as u64, h as u64, max_pixels) {
+        return Err(e);
+    }
+    let len = decoder.output_buffer_size().ok_or("cannot read the header: size overflows")?;
+    let mut data = vec![0u8; len];
+    decoder.decode_into(&mut data).map_err(|e| format!("cannot decode: {e}"))?;
+    let (w, h) = (u32::try_from(w).map_err(|e| e.to_string())?, u32::try_from(h).map_err(|e| e.to_string())?);
+    Image::from_raw(w, h, data).map(Some).ok_or_else(|| "decoder returned a buffer of the wrong size".into())
 }
 
 impl MapStage for Decode {
@@ -125,6 +168,26 @@ mod tests {
             .data
             .chunks(3)
             .all(|p| p[0].abs_diff(200) < 6 && p[1].abs_diff(100) < 6 && p[2].abs_diff(50) < 6));
+    }
+
+    #[test]
+    fn direct_jpeg_path_gives_the_pixels_image_gives() {
+        let rgb = image::RgbImage::from_fn(37, 23, |x, y| {
+            image::Rgb([(x * 7) as u8, (y * 11) as u8, ((x * y) % 251) as u8])
+        });
+        let jpeg = encode(image::DynamicImage::ImageRgb8(rgb), image::ImageFormat::Jpeg);
+        let direct = decode_jpeg_rgb(&jpeg, 1000).unwrap().expect("a YCbCr JPEG takes the direct path");
+        let via_image = image::load_from_memory(&jpeg).unwrap().into_rgb8();
+        assert_eq!((direct.width, direct.height), via_image.dimensions());
+        assert_eq!(direct.data, via_image.into_raw());
+        assert_eq!(decode(&jpeg, 1000).unwrap(), direct);
+
+        let gray = image::GrayImage::from_fn(9, 5, |x, y| image::Luma([(x * 20 + y) as u8]));
+        let jpeg = encode(image::DynamicImage::ImageLuma8(gray), image::ImageFormat::Jpeg);
+        assert!(decode_jpeg_rgb(&jpeg, 1000).unwrap().is_none(), "grayscale is left to `image`");
+        let img = decode(&jpeg, 1000).unwrap();
+        assert!(img.data.chunks(3).all(|p| p[0] == p[1] && p[1] == p[2]));
+        assert!(decode_jpeg_rgb(&jpeg[..20], 1000).is_err() || decode(&jpeg[..20], 1000).is_err());
     }
 
     #[test]

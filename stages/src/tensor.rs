@@ -1,14 +1,17 @@
 //! `to_tensor` (per sample, on the workers) and `batch` (in order, on the collector).
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use serde::Deserialize;
 use simclr_core::{
-    Batch, Batcher, Context, Image, MapStage, Payload, PortType, Problem, Role, Sample, SampleCtx, Stage,
-    StageConfig, StageError, Tensor,
+    Batch, Batcher, BufferPool, Context, Image, MapStage, Payload, PortType, Problem, Role, Sample,
+    SampleCtx, Stage, StageConfig, StageError, Tensor,
 };
 
 /// `to_tensor`: RGB8 views to f32 3 x H x W in [0, 1], optionally normalized.
+use crate::augment::color::multiversion;
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ToTensor {
@@ -40,33 +43,75 @@ impl StageConfig for ToTensor {
         }
     }
     fn build(&self, _cx: &Context) -> Result<Stage, StageError> {
-        Ok(Stage::Map(Arc::new(self.clone())))
+        let (mean, std) = (self.mean.unwrap_or([0.0; 3]), self.std.unwrap_or([1.0; 3]));
+        Ok(Stage::Map(Arc::new(ToTensorStage { affine: Affine::new(mean, std) })))
     }
 }
 
 /// Planar f32 tensor of an RGB8 image, with `(x / 255 - mean) / std` per channel.
 pub fn image_to_chw(img: &Image, mean: [f32; 3], std: [f32; 3]) -> Tensor {
-    let n = img.pixels();
-    let mut data = vec![0f32; 3 * n];
-    let (r, rest) = data.split_at_mut(n);
-    let (g, b) = rest.split_at_mut(n);
-    let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * std[c]));
-    let shift: [f32; 3] = std::array::from_fn(|c| mean[c] / std[c]);
-    for (((px, r), g), b) in img.data.chunks_exact(3).zip(r).zip(g).zip(b) {
-        *r = f32::from(px[0]) * scale[0] - shift[0];
-        *g = f32::from(px[1]) * scale[1] - shift[1];
-        *b = f32::from(px[2]) * scale[2] - shift[2];
-    }
-    Tensor { shape: vec![3, img.height as usize, img.width as usize], data }
+    image_to_chw_with(img, &Affine::new(mean, std))
 }
 
-impl MapStage for ToTensor {
+/// `x * scale - shift` per channel, with `scale = 1 / (255 std)` and `shift = mean / std`.
+struct Affine {
+    scale: [f32; 3],
+    shift: [f32; 3],
+}
+
+impl Affine {
+    fn new(mean: [f32; 3], std: [f32; 3]) -> Self {
+        Self {
+            scale: std::array::from_fn(|c| 1.0 / (255.0 * std[c])),
+            shift: std::array::from_fn(|c| mean[c] / std[c]),
+        }
+    }
+}
+
+multiversion! {
+    /// Interleaved u8 RGB -> the three f32 planes `r`, `g`, `b` (one multiply and one subtract
+    /// per value: the same bits in every build).
+    fn deinterleave(src: &[u8], r: &mut [MaybeUninit<f32>], g: &mut [MaybeUninit<f32>], b: &mut [MaybeUninit<f32>], scale: [f32; 3], shift: [f32; 3]) {
+        for (((px, r), g), b) in src.chunks_exact(3).zip(r.iter_mut()).zip(g.iter_mut()).zip(b.iter_mut()) {
+            r.write(f32::from(px[0]) * scale[0] - shift[0]);
+            g.write(f32::from(px[1]) * scale[1] - shift[1]);
+            b.write(f32::from(px[2]) * scale[2] - shift[2]);
+        }
+    }
+}
+
+/// Writes the planes straight into the tensor's buffer, without zero-filling it first.
+fn image_to_chw_with(img: &Image, f: &Affine) -> Tensor {
+    let n = img.pixels();
+    let shape = vec![3, img.height as usize, img.width as usize];
+    let Some(src) = img.data.get(..3 * n) else {
+        // A buffer shorter than its size says (only a hand-made `Image`): the missing values are 0.
+        let mut src = img.data.clone();
+        src.resize(3 * n, 0);
+        return image_to_chw_with(&Image { data: src, ..*img }, f);
+    };
+    let mut data: Vec<f32> = Vec::with_capacity(3 * n);
+    let spare = &mut data.spare_capacity_mut()[..3 * n];
+    let (r, rest) = spare.split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
+    deinterleave(src, r, g, b, f.scale, f.shift);
+    // SAFETY: `deinterleave` wrote all 3n values: `src` holds exactly n pixels and each of
+    // the planes n slots.
+    unsafe { data.set_len(3 * n) };
+    Tensor { shape, data }
+}
+
+/// The built `to_tensor` stage.
+struct ToTensorStage {
+    affine: Affine,
+}
+
+impl MapStage for ToTensorStage {
     fn apply(&self, sample: &mut Sample, _ctx: &SampleCtx) -> Result<(), StageError> {
         let Payload::Views(views) = &sample.payload else {
             return Err(StageError::fatal("`to_tensor` needs image views"));
         };
-        let (mean, std) = (self.mean.unwrap_or([0.0; 3]), self.std.unwrap_or([1.0; 3]));
-        let tensors = views.iter().map(|v| image_to_chw(v, mean, std)).collect();
+        let tensors = views.iter().map(|v| image_to_chw_with(v, &self.affine)).collect();
         sample.payload = Payload::Tensors(tensors);
         Ok(())
     }
@@ -99,19 +144,23 @@ impl StageConfig for BatchConfig {
         }
     }
     fn build(&self, _cx: &Context) -> Result<Stage, StageError> {
-        Ok(Stage::Batch(Box::new(BatchBuilder { cfg: self.clone(), pending: Vec::new() })))
+        Ok(Stage::Batch(Box::new(BatchBuilder::new(self.batch_size, self.drop_last))))
     }
 }
 
 /// Collects samples until a batch is full (or the epoch changes).
+///
+/// Batch buffers come from a pool that dropped batches return to, so in steady state (the sink
+/// drops each batch before the next is made) no batch memory is allocated or faulted in.
 pub struct BatchBuilder {
     cfg: BatchConfig,
     pending: Vec<Sample>,
+    pool: BufferPool,
 }
 
 impl BatchBuilder {
     pub fn new(batch_size: usize, drop_last: bool) -> Self {
-        Self { cfg: BatchConfig { batch_size, drop_last }, pending: Vec::new() }
+        Self { cfg: BatchConfig { batch_size, drop_last }, pending: Vec::new(), pool: BufferPool::default() }
     }
 
     fn assemble(&mut self) -> Result<Option<Sample>, StageError> {
@@ -129,12 +178,16 @@ impl BatchBuilder {
             .map(|t| {
                 let mut shape = vec![n];
                 shape.extend(&t.shape);
-                Tensor { shape, data: Vec::with_capacity(n * t.data.len()) }
+                Tensor { shape, data: self.pool.take(n * t.data.len()) }
             })
             .collect();
         let (epoch, index) = (first.epoch, first.index);
-        let mut batch =
-            Batch { views: Vec::new(), indices: Vec::with_capacity(n), labels: Vec::with_capacity(n) };
+        let mut batch = Batch {
+            views: Vec::new(),
+            indices: Vec::with_capacity(n),
+            labels: Vec::with_capacity(n),
+            pool: Some(self.pool.clone()),
+        };
         for s in samples {
             let Payload::Tensors(ts) = s.payload else {
                 return Err(StageError::fatal("`batch` needs tensors; put `to_tensor` before it"));
@@ -203,6 +256,50 @@ mod tests {
         assert!(t.data.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{:?}", t.data);
         let t = image_to_chw(&img, [0.5; 3], [0.5; 3]);
         assert!((t.data[0] - 1.0).abs() < 1e-6 && (t.data[1] + 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn dropped_batches_return_their_buffers() {
+        let mut b = BatchBuilder::new(2, false);
+        assert!(b.push(sample(0, 0, 1)).unwrap().is_none());
+        let first = b.push(sample(1, 0, 2)).unwrap().unwrap();
+        let ptr = match &first.payload {
+            Payload::Batch(batch) => batch.views[0].data.as_ptr(),
+            _ => panic!("not a batch"),
+        };
+        assert_eq!(b.pool.kept(), 0);
+        drop(first);
+        assert_eq!(b.pool.kept(), 2);
+        assert!(b.push(sample(2, 0, 3)).unwrap().is_none());
+        let second = b.push(sample(3, 0, 4)).unwrap().unwrap();
+        let Payload::Batch(batch) = &second.payload else { panic!("not a batch") };
+        assert!(batch.views.iter().any(|v| v.data.as_ptr() == ptr), "a returned buffer is reused");
+        // Same contents as a fresh buffer would hold.
+        assert!((batch.views[0].data[0] - 3.0 / 255.0).abs() < 1e-7);
+        assert_eq!(batch.views[0].data.len(), 2 * 6);
+        assert_eq!(batch.indices, vec![2, 3]);
+    }
+
+    #[test]
+    fn to_tensor_matches_the_per_pixel_formula() {
+        let data: Vec<u8> = (0..=255u8).flat_map(|x| [x, x.wrapping_mul(7), 255 - x]).collect();
+        let img = Image { width: 16, height: 16, data };
+        let (mean, std) = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
+        let t = image_to_chw(&img, mean, std);
+        for (i, px) in img.data.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                let want = f32::from(px[c]) * (1.0 / (255.0 * std[c])) - mean[c] / std[c];
+                assert_eq!(t.data[c * 256 + i].to_bits(), want.to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn a_short_buffer_is_not_a_panic() {
+        let img = Image { width: 2, height: 2, data: vec![255; 6] };
+        let t = image_to_chw(&img, [0.0; 3], [1.0; 3]);
+        assert_eq!(t.data.len(), 12);
+        assert_eq!((t.data[0], t.data[3]), (1.0, 0.0));
     }
 
     #[test]

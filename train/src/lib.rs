@@ -114,7 +114,7 @@ mod tests {
     fn batch_sample(epoch: u32, index: u64, data: (Vec<f32>, Vec<f32>), n: usize, side: usize) -> Sample {
         let shape = vec![n, 3, side, side];
         let views = vec![Tensor { shape: shape.clone(), data: data.0 }, Tensor { shape, data: data.1 }];
-        let batch = Batch { views, indices: (0..n as u64).collect(), labels: vec![None; n] };
+        let batch = Batch { views, indices: (0..n as u64).collect(), labels: vec![None; n], pool: None };
         Sample { index, epoch, payload: Payload::Batch(batch), ..Sample::default() }
     }
 
@@ -177,7 +177,9 @@ mod tests {
         let one_view = Sample {
             payload: Payload::Batch(Batch {
                 views: vec![Tensor { shape: vec![4, 3, 8, 8], data: a }],
-                ..Batch::default()
+                indices: Vec::new(),
+                labels: Vec::new(),
+                pool: None,
             }),
             ..Sample::default()
         };

@@ -7,8 +7,8 @@
 //!
 //! Speed: both passes run on f32 with the kernel's symmetry (one multiply per pair of taps), over
 //! blocks of 32 outputs whose sums stay in registers across all taps (the vertical pass reads
-//! whole rows), compiled for AVX2 when the CPU has it. Taps whose normalized weight is below 1e-7
-//! (the far tails of small sigmas) are skipped: together they change no output by more than
+//! whole rows), compiled for AVX2 or AVX-512 when the CPU has it. Taps whose normalized weight
+//! is below 1e-7 (the far tails of small sigmas) are skipped: together they change no output by more than
 //! 0.002 of a level before rounding, and they halve the work on average.
 
 use std::cell::RefCell;

@@ -8,9 +8,9 @@
 //! (`(x * 255 + 0.5) as u8`).
 //!
 //! Speed: each op is one pass over the buffer with branch-free arithmetic, so the compiler
-//! vectorizes it, and every hot function is also compiled for AVX2 and picked at run time. Only
-//! elementwise IEEE arithmetic is used (no fused multiply-add, sums in a fixed order), so both
-//! builds give identical bits.
+//! vectorizes it, and every hot function is also compiled for AVX2 and AVX-512 and picked at
+//! run time. Only elementwise IEEE arithmetic is used (no fused multiply-add, sums in a fixed
+//! order), so all builds give identical bits.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -24,10 +24,10 @@ use simclr_core::{
 
 use super::{check_p, check_views, for_each_view};
 
-/// Defines a function whose body is compiled twice, for the baseline target and for AVX2, and
-/// picks the AVX2 build at run time when the CPU has it. The body must use only elementwise IEEE
+/// Defines a function whose body is compiled three times, for the baseline target, AVX2 and
+/// AVX-512 (F, BW, VL, DQ), and picks the widest build the CPU has at run time. The body must use only elementwise IEEE
 /// arithmetic (no `mul_add`, no reassociation), so both builds give identical results; helpers it
-/// calls must be `#[inline(always)]` to be compiled for AVX2 too.
+/// calls must be `#[inline(always)]` to be compiled for the wider targets too.
 macro_rules! multiversion {
     ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$attr])*
@@ -36,9 +36,21 @@ macro_rules! multiversion {
             fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
                 #[target_feature(enable = "avx2")]
                 fn avx2($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                {
+                    // SAFETY: the CPU supports these AVX-512 subsets (checked just above).
+                    return unsafe { avx512($($arg),*) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2") {
                     // SAFETY: the CPU supports AVX2 (checked just above).

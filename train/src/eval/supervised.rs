@@ -78,8 +78,10 @@ fn sgd() -> OptimizerConfig {
 impl SupervisedTrain {
     /// The model as a `simclr_train` config: the same encoder, a linear head to `classes`.
     pub fn arch(&self) -> Result<SimclrTrain, String> {
-        let head = serde_json::from_value(serde_json::json!({"kind": "linear", "out_dim": self.classes, "bn": false}))
-            .map_err(|e| e.to_string())?;
+        let head = serde_json::from_value(
+            serde_json::json!({"kind": "linear", "out_dim": self.classes, "bn": false}),
+        )
+        .map_err(|e| e.to_string())?;
         let arch = SimclrTrain {
             backbone: self.backbone,
             stem: self.stem,

@@ -205,7 +205,8 @@ mod tests {
         let v: Vec<f32> = a.iter().map(|x| (x + 0.1 * rng.random::<f32>()).min(1.0)).collect();
         let shape = vec![4, 3, 8, 8];
         let views = vec![Tensor { shape: shape.clone(), data: a }, Tensor { shape, data: v }];
-        let payload = Payload::Batch(Batch { views, indices: (0..4).collect(), labels: vec![None; 4] });
+        let payload =
+            Payload::Batch(Batch { views, indices: (0..4).collect(), labels: vec![None; 4], pool: None });
         Sample { index: b, epoch, payload, ..Sample::default() }
     }
 
