@@ -19,11 +19,15 @@ fn label(method: &str) -> String {
 }
 
 fn methods(results: &Map<String, Value>) -> Vec<String> {
-    let mut out: Vec<String> =
-        ORDER.iter().filter(|m| results.contains_key(**m)).map(|m| m.to_string()).collect();
-    for (k, v) in results {
-        if v.is_object() && !out.contains(k) {
-            out.push(k.clone());
+    let evaluated: Vec<String> = results
+        .get("evals")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|e| e["method"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    let mut out: Vec<String> = ORDER.iter().filter(|m| evaluated.iter().any(|e| e == *m)).map(|m| m.to_string()).collect();
+    for m in evaluated {
+        if !out.contains(&m) {
+            out.push(m);
         }
     }
     out

@@ -63,6 +63,24 @@ impl Artifacts {
         }
     }
 
+    /// Records metrics under `outer.inner` (e.g. `encoders.train`), merging.
+    pub fn record_in(&self, outer: &str, inner: &str, metrics: Map<String, Value>) {
+        let mut r = lock(&self.results);
+        let o = r.entry(outer.to_string()).or_insert_with(|| Value::Object(Map::new()));
+        if !o.is_object() {
+            *o = Value::Object(Map::new());
+        }
+        if let Value::Object(o) = o {
+            let e = o.entry(inner.to_string()).or_insert_with(|| Value::Object(Map::new()));
+            if !e.is_object() {
+                *e = Value::Object(Map::new());
+            }
+            if let Value::Object(m) = e {
+                m.extend(metrics);
+            }
+        }
+    }
+
     /// Appends `item` to the list under `key` (e.g. one entry per evaluation).
     pub fn push(&self, key: &str, item: Value) {
         let mut r = lock(&self.results);

@@ -305,6 +305,9 @@ impl Task for EvalTask {
                 }
             }
             cx.artifacts.record(&method, metrics.clone());
+            // Also by encoder stage: sweeps compare variants whose encoder changes kind
+            // (`simclr_train` -> `supervised_train`) under one key.
+            cx.artifacts.record_in("encoders", id, metrics.clone());
             cx.artifacts.push(
                 "evals",
                 json!({
