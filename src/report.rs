@@ -24,7 +24,8 @@ fn methods(results: &Map<String, Value>) -> Vec<String> {
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(|e| e["method"].as_str().map(str::to_string)).collect())
         .unwrap_or_default();
-    let mut out: Vec<String> = ORDER.iter().filter(|m| evaluated.iter().any(|e| e == *m)).map(|m| m.to_string()).collect();
+    let mut out: Vec<String> =
+        ORDER.iter().filter(|m| evaluated.iter().any(|e| e == *m)).map(|m| m.to_string()).collect();
     for m in evaluated {
         if !out.contains(&m) {
             out.push(m);
@@ -37,15 +38,28 @@ fn pct(v: Option<&Value>) -> String {
     v.and_then(Value::as_f64).map_or_else(|| "-".into(), |x| format!("{x:.1}"))
 }
 
-/// The results table: method x dataset, linear (top-1 / top-5) and kNN top-1.
+/// The results table: method x dataset, linear (top-1 / top-5), kNN top-1, and fine-tuned top-1
+/// for each label fraction.
 pub fn table(results: &Map<String, Value>) -> String {
-    let evals: Vec<&Value> =
-        results.get("evals").and_then(Value::as_array).map(|a| a.iter().collect()).unwrap_or_default();
+    let list = |key: &str| -> Vec<&Value> {
+        results.get(key).and_then(Value::as_array).map(|a| a.iter().collect()).unwrap_or_default()
+    };
+    let (evals, finetunes) = (list("evals"), list("finetunes"));
     let mut datasets: Vec<String> = Vec::new();
-    for e in &evals {
+    for e in evals.iter().chain(&finetunes) {
         if let Some(d) = e["dataset"].as_str() {
             if !datasets.iter().any(|x| x == d) {
                 datasets.push(d.to_string());
+            }
+        }
+    }
+    // (dataset, percent) pairs of fine-tuning runs, in order.
+    let mut ft_cols: Vec<(String, f64)> = Vec::new();
+    for f in &finetunes {
+        if let (Some(d), Some(p)) = (f["dataset"].as_str(), f["label_fraction"].as_f64()) {
+            let pct = (p * 100.0).round();
+            if !ft_cols.iter().any(|(x, q)| x == d && *q == pct) {
+                ft_cols.push((d.to_string(), pct));
             }
         }
     }
@@ -54,11 +68,22 @@ pub fn table(results: &Map<String, Value>) -> String {
     for d in &datasets {
         let _ = write!(s, " {d} linear top-1 | {d} linear top-5 | {d} kNN top-1 |");
     }
+    for (d, pct) in &ft_cols {
+        let _ = write!(s, " {d} fine-tuned ({pct}% labels) top-1 |");
+    }
     s.push('\n');
     s.push_str("|---|");
-    s.push_str(&"---:|".repeat(3 * datasets.len()));
+    s.push_str(&"---:|".repeat(3 * datasets.len() + ft_cols.len()));
     s.push('\n');
-    for m in methods(results) {
+    let mut methods = methods(results);
+    for f in &finetunes {
+        if let Some(m) = f["method"].as_str() {
+            if !methods.iter().any(|x| x == m) {
+                methods.push(m.to_string());
+            }
+        }
+    }
+    for m in methods {
         let _ = write!(s, "| {} |", label(&m));
         for d in &datasets {
             // The last evaluation of this method on this dataset holds its final figures.
@@ -82,6 +107,15 @@ pub fn table(results: &Map<String, Value>) -> String {
                 pct(metrics.get("knn_top1"))
             );
         }
+        for (d, p) in &ft_cols {
+            let key = format!("finetune_{p}pct_top1");
+            let v = finetunes
+                .iter()
+                .rev()
+                .find(|f| f["method"].as_str() == Some(&m) && f["dataset"].as_str() == Some(d))
+                .and_then(|f| f["metrics"].get(&key));
+            let _ = write!(s, " {} |", pct(v));
+        }
         s.push('\n');
     }
     s
@@ -95,7 +129,7 @@ pub fn write_markdown(
     plots: &[String],
 ) -> std::io::Result<()> {
     let mut s = format!("# {name}: run report\n\n");
-    if results.get("evals").is_some() {
+    if results.get("evals").is_some() || results.get("finetunes").is_some() {
         s.push_str(
             "Accuracy (%) on the held-out split, frozen encoders (the paper's Table 8 shape: linear \
                     evaluation next to the baselines from the same backbone).\n\n",
@@ -204,13 +238,16 @@ mod tests {
             "evals": [
                 {"method": "random_init", "dataset": "cifar10", "metrics": {"linear_top1": 30.0, "linear_top5": 80.0}},
                 {"method": "simclr", "dataset": "cifar10", "metrics": {"linear_top1": 70.25, "knn_top1": 60.0}},
+            ],
+            "finetunes": [
+                {"method": "simclr", "dataset": "cifar10", "label_fraction": 0.1, "metrics": {"finetune_10pct_top1": 80.0}},
             ]
         });
         let t = table(r.as_object().unwrap_or(&Map::new()));
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 4, "{t}");
-        assert!(lines[0].contains("cifar10 linear top-1"));
-        assert_eq!(lines[2], "| SimCLR (ours) | 70.2 | - | 60.0 |");
-        assert_eq!(lines[3], "| Random init | 30.0 | 80.0 | - |");
+        assert!(lines[0].contains("cifar10 linear top-1") && lines[0].contains("fine-tuned (10% labels)"));
+        assert_eq!(lines[2], "| SimCLR (ours) | 70.2 | - | 60.0 | 80.0 |");
+        assert_eq!(lines[3], "| Random init | 30.0 | 80.0 | - | - |");
     }
 }

@@ -135,5 +135,9 @@ fn cifar10_and_imagenet_pipelines_run_on_tiny_fixtures() {
             assert!((0.0..=100.0).contains(&top1), "{file}: {method} {results}");
         }
         assert!(out.join("report.md").exists() && out.join("encoder.safetensors").exists());
+        if file.contains("cifar10") {
+            let ft = results["simclr"]["finetune_50pct_top1"].as_f64().unwrap_or(-1.0);
+            assert!((0.0..=100.0).contains(&ft), "{results}");
+        }
     }
 }

@@ -14,4 +14,5 @@ pub fn register(registry: &mut simclr_core::Registry) {
     registry.register::<stages::KnnEval>();
     registry.register::<stages::ExtractFeatures>();
     registry.register::<supervised::SupervisedTrain>();
+    registry.register::<supervised::FineTune>();
 }

@@ -7,21 +7,29 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use burn::module::AutodiffModule;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::Deserialize;
 use simclr_core::{
     Artifacts, Context, Payload, PortType, Problem, Role, Sample, Sink, Stage, StageConfig, StageError,
 };
 
-use super::features::{Encode, EncoderArtifact};
+use super::features::{encoder_of, extract, source_of, Encode, EncoderArtifact, EvalTransform};
+use super::linear::topk_accuracy;
 use crate::config::{Backbone, DeviceSpec, OptimizerConfig, SimclrTrain, Stem};
+use crate::export::{Data, NamedTensor};
 use crate::model::SimclrModel;
 use crate::optim::{base_lr, first_epoch_lr, Optimizer, Schedule};
 use crate::trainer::StepError;
+use simclr_core::driver::DataSource;
+use simclr_core::StageRef;
 
 /// `supervised_train`: encoder + linear classifier, cross-entropy with labels (a sink; its
 /// encoder is an artifact, filed as `supervised`).
@@ -115,6 +123,11 @@ impl SupervisedTrain {
 
 /// A supervised model + optimizer on some device.
 pub trait LabeledEngine: Encode {
+    /// Class scores (N x classes) of `images` in evaluation mode.
+    fn predict(&self, images: &[f32], shape: [usize; 4]) -> Result<Vec<f32>, String>;
+    /// Replaces the encoder's weights and running statistics by `tensors` (torchvision names,
+    /// as [`Encode::tensors`] gives them); returns how many were loaded.
+    fn load_encoder(&mut self, tensors: &[NamedTensor]) -> Result<usize, String>;
     /// One cross-entropy step; returns (loss, accuracy on the batch).
     fn step(
         &mut self,
@@ -164,7 +177,89 @@ impl<B: AutodiffBackend> Encode for SupTrainer<B> {
     }
 }
 
+/// Loads `encoder.<name>` float tensors from a map; leaves everything else.
+struct LoadEncoder<'a, B: Backend> {
+    tensors: &'a HashMap<String, (Vec<usize>, Vec<f32>)>,
+    device: B::Device,
+    path: Vec<String>,
+    loaded: usize,
+    errors: Vec<String>,
+}
+
+impl<B: Backend> ModuleMapper<B> for LoadEncoder<'_, B> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let full = self.path.join(".");
+        let Some(name) = full.strip_prefix("encoder.") else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let dims = tensor.dims();
+        let new = match self.tensors.get(name) {
+            Some((shape, v)) if shape[..] == dims[..] => {
+                self.loaded += 1;
+                let t = Tensor::<B, D>::from_data(TensorData::new(v.clone(), dims), &self.device);
+                if tensor.is_require_grad() {
+                    t.require_grad()
+                } else {
+                    t
+                }
+            }
+            Some((shape, _)) => {
+                self.errors.push(format!("{name} has shape {shape:?}, the model {dims:?}"));
+                tensor
+            }
+            None => {
+                self.errors.push(format!("{name} is missing"));
+                tensor
+            }
+        };
+        Param::from_mapped_value(id, new, mapper)
+    }
+}
+
 impl<B: AutodiffBackend> LabeledEngine for SupTrainer<B> {
+    fn predict(&self, images: &[f32], shape: [usize; 4]) -> Result<Vec<f32>, String> {
+        let model = self.model()?.valid();
+        catch_unwind(AssertUnwindSafe(|| {
+            let x = Tensor::<B::InnerBackend, 4>::from_data(
+                TensorData::new(images.to_vec(), shape),
+                &self.device,
+            );
+            to_vec(model.forward(x).1)
+        }))
+        .map_err(|_| "the backend failed while predicting".to_string())?
+    }
+
+    fn load_encoder(&mut self, tensors: &[NamedTensor]) -> Result<usize, String> {
+        let map: HashMap<String, (Vec<usize>, Vec<f32>)> = tensors
+            .iter()
+            .filter_map(|t| match &t.data {
+                Data::F32(v) => Some((t.name.clone(), (t.shape.clone(), v.clone()))),
+                Data::I64(_) => None,
+            })
+            .collect();
+        let model = self.model.take().ok_or_else(|| "the model was lost in a failed step".to_string())?;
+        let mut load = LoadEncoder::<B> {
+            tensors: &map,
+            device: self.device.clone(),
+            path: Vec::new(),
+            loaded: 0,
+            errors: Vec::new(),
+        };
+        self.model = Some(model.map(&mut load));
+        if !load.errors.is_empty() {
+            load.errors.truncate(5);
+            return Err(format!("the encoder does not fit: {}", load.errors.join("; ")));
+        }
+        Ok(load.loaded)
+    }
+
     fn step(
         &mut self,
         images: &[f32],
@@ -268,6 +363,8 @@ impl StageConfig for SupervisedTrain {
         let engine = make_supervised(&arch, cx.seed).map_err(StageError::fatal)?;
         Ok(Stage::Sink(Box::new(SupervisedSink {
             cfg: self.clone(),
+            method: "supervised".into(),
+            fine_tune: None,
             arch,
             engine: Some(engine),
             id: cx.stage_id.clone(),
@@ -283,8 +380,21 @@ impl StageConfig for SupervisedTrain {
     }
 }
 
+/// Fine-tuning's extras: the label subset and the test it reports on.
+struct FineTuneRun {
+    fraction: f64,
+    seed: u64,
+    test: Arc<DataSource>,
+    transform: EvalTransform,
+    /// The method the starting encoder is filed under (`simclr`).
+    method: String,
+}
+
 struct SupervisedSink {
     cfg: SupervisedTrain,
+    /// `supervised` or `fine_tuned`: how the encoder artifact is filed.
+    method: String,
+    fine_tune: Option<FineTuneRun>,
     arch: SimclrTrain,
     engine: Option<Box<dyn LabeledEngine>>,
     id: String,
@@ -344,8 +454,19 @@ impl Sink for SupervisedSink {
     }
 
     fn consume(&mut self, sample: Sample) -> Result<(), StageError> {
-        let Payload::Batch(batch) = &sample.payload else {
+        let Payload::Batch(full) = &sample.payload else {
             return Err(StageError::fatal("`supervised_train` needs batches; put a `batch` stage before it"));
+        };
+        let subset;
+        let batch = match &self.fine_tune {
+            Some(ft) => {
+                subset = keep_rows(full, |i| kept(ft.seed, i, ft.fraction));
+                if subset.indices.is_empty() {
+                    return Ok(());
+                }
+                &subset
+            }
+            None => full,
         };
         let mut labels = Vec::with_capacity(batch.labels.len());
         for (l, idx) in batch.labels.iter().zip(&batch.indices) {
@@ -419,18 +540,194 @@ impl Sink for SupervisedSink {
     fn finish(&mut self) -> Result<(), StageError> {
         self.end_epoch()?;
         self.epoch = None;
+        if let (Some(ft), Some(engine)) = (&self.fine_tune, &self.engine) {
+            let predict = |x: &[f32], shape: [usize; 4]| engine.predict(x, shape);
+            let scores = extract(&self.id, &predict, &ft.test, &ft.transform, ft.seed, 256)?;
+            let classes = scores.dim;
+            let (top1, top5) = topk_accuracy(&scores.y, classes, |i, out| {
+                for (o, v) in out.iter_mut().zip(scores.row(i)) {
+                    *o = f64::from(*v);
+                }
+            });
+            let pct = (ft.fraction * 100.0).round();
+            tracing::info!(
+                "'{}': {} fine-tuned on {pct}% of the labels: top-1 {top1:.2}%",
+                self.id,
+                ft.method
+            );
+            let metrics = serde_json::json!({
+                format!("finetune_{pct}pct_top1"): top1,
+                format!("finetune_{pct}pct_top5"): top5,
+            });
+            let m = metrics.as_object().cloned().unwrap_or_default();
+            self.artifacts.record(&ft.method, m.clone());
+            self.artifacts.record_in("encoders", &self.id, m.clone());
+            self.artifacts.push(
+                "finetunes",
+                serde_json::json!({"stage": self.id, "method": ft.method, "label_fraction": ft.fraction,
+                                   "test_data": ft.test.id, "dataset": ft.test.kind, "metrics": m}),
+            );
+        }
         if let Some(engine) = self.engine.take() {
             let encoder: Box<dyn Encode> = engine;
             self.artifacts.put(
                 &self.id,
                 EncoderArtifact {
                     stage: self.id.clone(),
-                    method: "supervised".into(),
+                    method: self.method.clone(),
                     arch: self.arch.clone(),
                     encoder: Mutex::new(encoder),
                 },
             );
         }
         Ok(())
+    }
+}
+
+/// Whether sample `index` is in the labeled subset (a fixed draw per (seed, index), so the
+/// subset is the same every epoch and for any thread count).
+fn kept(seed: u64, index: u64, fraction: f64) -> bool {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    rng.random::<f64>() < fraction
+}
+
+/// The rows of `batch` whose dataset index passes `keep`.
+fn keep_rows(batch: &simclr_core::Batch, keep: impl Fn(u64) -> bool) -> simclr_core::Batch {
+    let rows: Vec<usize> = (0..batch.indices.len()).filter(|&r| keep(batch.indices[r])).collect();
+    let views = batch
+        .views
+        .iter()
+        .map(|v| {
+            let per = v.shape.iter().skip(1).product::<usize>();
+            let mut shape = v.shape.clone();
+            if let Some(n) = shape.first_mut() {
+                *n = rows.len();
+            }
+            let data = rows.iter().flat_map(|&r| v.data[r * per..(r + 1) * per].iter().copied()).collect();
+            simclr_core::Tensor { shape, data }
+        })
+        .collect();
+    simclr_core::Batch {
+        views,
+        indices: rows.iter().map(|&r| batch.indices[r]).collect(),
+        labels: rows.iter().map(|&r| batch.labels[r]).collect(),
+        pool: None,
+    }
+}
+
+/// `fine_tune`: the semi-supervised protocol: a pre-trained encoder plus a linear classifier,
+/// trained end to end with the labels of `label_fraction` of the data; reports top-1/top-5 on
+/// `test_data` as `<method>.finetune_<pct>pct_top1`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FineTune {
+    /// The encoder stage to start from (e.g. `train`).
+    pub encoder: String,
+    /// Number of classes.
+    pub classes: usize,
+    /// Share of the training samples whose labels are used (default 0.1; the paper: 0.01, 0.1).
+    #[serde(default = "tenth")]
+    pub label_fraction: f64,
+    /// Labeled source stage to report on.
+    pub test_data: String,
+    /// Optimizer (default: sgd, lr 0.1 x B/256, nesterov, weight decay 5e-4... as `supervised_train`).
+    #[serde(default = "sgd")]
+    pub optimizer: OptimizerConfig,
+    /// Passes over the data (default 30).
+    #[serde(default = "thirty")]
+    pub epochs: u32,
+    #[serde(default)]
+    pub warmup_epochs: f64,
+    #[serde(default = "ten")]
+    pub log_every: u64,
+    #[serde(default)]
+    pub transform: EvalTransform,
+}
+
+fn tenth() -> f64 {
+    0.1
+}
+fn thirty() -> u32 {
+    30
+}
+
+impl StageConfig for FineTune {
+    const KIND: &'static str = "fine_tune";
+    const ABOUT: &'static str =
+        "sink: fine-tunes a pre-trained encoder + linear head on a fraction of the labels";
+    const ROLE: Role = Role::Sink;
+    fn ports(&self) -> (PortType, PortType) {
+        (PortType::Batch, PortType::Encoder)
+    }
+    fn refs(&self) -> Vec<StageRef> {
+        vec![
+            StageRef { field: "encoder".into(), stage: self.encoder.clone(), expects: PortType::Encoder },
+            StageRef { field: "test_data".into(), stage: self.test_data.clone(), expects: PortType::Any },
+        ]
+    }
+    fn check(&self, _cx: &Context, out: &mut Vec<Problem>) {
+        if !(self.label_fraction > 0.0 && self.label_fraction <= 1.0) {
+            out.push(Problem::new(
+                "label_fraction",
+                "`label_fraction` must be in (0, 1]",
+                "e.g. `label_fraction: 0.1`",
+            ));
+        }
+        if self.classes < 2 {
+            out.push(Problem::new("classes", "`classes` must be at least 2", "e.g. `classes: 10`"));
+        }
+        if self.epochs == 0 || self.log_every == 0 {
+            out.push(Problem::new(
+                "epochs",
+                "`epochs` and `log_every` must be at least 1",
+                "e.g. `epochs: 30`",
+            ));
+        }
+        out.extend(self.transform.problems("transform"));
+    }
+    fn build(&self, cx: &Context) -> Result<Stage, StageError> {
+        let start = encoder_of(cx, "encoder", &self.encoder)?;
+        let test = source_of(cx, "test_data", &self.test_data)?;
+        let cfg = SupervisedTrain {
+            backbone: start.arch.backbone,
+            stem: start.arch.stem,
+            width: start.arch.width,
+            classes: self.classes,
+            optimizer: self.optimizer.clone(),
+            epochs: self.epochs,
+            warmup_epochs: self.warmup_epochs,
+            device: start.arch.device.clone(),
+            log_every: self.log_every,
+        };
+        if let Some(p) = cfg.problems().into_iter().next() {
+            return Err(StageError::fatal(format!("{} ({})", p.message, p.fix)));
+        }
+        let arch = cfg.arch().map_err(StageError::fatal)?;
+        let mut engine = make_supervised(&arch, cx.seed).map_err(StageError::fatal)?;
+        let loaded = engine.load_encoder(&start.tensors()).map_err(StageError::fatal)?;
+        tracing::info!("'{}': starting from '{}' ({loaded} tensors)", cx.stage_id, self.encoder);
+        Ok(Stage::Sink(Box::new(SupervisedSink {
+            cfg,
+            method: "fine_tuned".into(),
+            fine_tune: Some(FineTuneRun {
+                fraction: self.label_fraction,
+                seed: cx.seed,
+                test,
+                transform: self.transform.clone(),
+                method: start.method.clone(),
+            }),
+            arch,
+            engine: Some(engine),
+            id: cx.stage_id.clone(),
+            run_dir: cx.run_dir.clone(),
+            artifacts: cx.artifacts.clone(),
+            metrics: None,
+            step: 0,
+            epoch: None,
+            steps_per_epoch: None,
+            base_lr: None,
+            sums: (0, 0.0, 0.0),
+        })))
     }
 }
