@@ -365,6 +365,7 @@ impl StageConfig for SupervisedTrain {
             cfg: self.clone(),
             method: "supervised".into(),
             fine_tune: None,
+            pending: None,
             arch,
             engine: Some(engine),
             id: cx.stage_id.clone(),
@@ -395,6 +396,8 @@ struct SupervisedSink {
     /// `supervised` or `fine_tuned`: how the encoder artifact is filed.
     method: String,
     fine_tune: Option<FineTuneRun>,
+    /// Fine-tuning: kept rows waiting for a full batch.
+    pending: Option<simclr_core::Batch>,
     arch: SimclrTrain,
     engine: Option<Box<dyn LabeledEngine>>,
     id: String,
@@ -457,17 +460,51 @@ impl Sink for SupervisedSink {
         let Payload::Batch(full) = &sample.payload else {
             return Err(StageError::fatal("`supervised_train` needs batches; put a `batch` stage before it"));
         };
-        let subset;
-        let batch = match &self.fine_tune {
-            Some(ft) => {
-                subset = keep_rows(full, |i| kept(ft.seed, i, ft.fraction));
-                if subset.indices.is_empty() {
-                    return Ok(());
+        if self.epoch != Some(sample.epoch) {
+            if self.epoch.is_some() {
+                self.flush_pending()?;
+                self.end_epoch()?;
+                if self.steps_per_epoch.is_none() {
+                    self.steps_per_epoch = Some(self.step.max(1));
                 }
-                &subset
             }
-            None => full,
+            self.epoch = Some(sample.epoch);
+        }
+        let Some(ft) = &self.fine_tune else { return self.train_batch(full, sample.epoch) };
+        // Fine-tuning keeps a fixed subset of the samples and trains on full batches of them
+        // (BatchNorm needs more than the few kept rows of one incoming batch).
+        let kept_rows = keep_rows(full, |i| kept(ft.seed, i, ft.fraction));
+        let target = full.indices.len();
+        let pending = match self.pending.take() {
+            Some(p) => concat(p, kept_rows),
+            None => kept_rows,
         };
+        if pending.indices.len() >= target {
+            self.train_batch(&pending, sample.epoch)
+        } else {
+            self.pending = Some(pending);
+            Ok(())
+        }
+    }
+
+    fn finish(&mut self) -> Result<(), StageError> {
+        self.flush_pending()?;
+        self.finish_inner()
+    }
+}
+
+impl SupervisedSink {
+    /// Trains on the kept rows still waiting for a full batch (at an epoch's end).
+    fn flush_pending(&mut self) -> Result<(), StageError> {
+        match (self.pending.take(), self.epoch) {
+            (Some(p), Some(epoch)) if p.indices.len() >= 2 => self.train_batch(&p, epoch),
+            _ => Ok(()),
+        }
+    }
+
+    /// One step per view of `batch`.
+    fn train_batch(&mut self, batch: &simclr_core::Batch, epoch: u32) -> Result<(), StageError> {
+        let sample_epoch = epoch;
         let mut labels = Vec::with_capacity(batch.labels.len());
         for (l, idx) in batch.labels.iter().zip(&batch.indices) {
             match l {
@@ -484,15 +521,6 @@ impl Sink for SupervisedSink {
                     )))
                 }
             }
-        }
-        if self.epoch != Some(sample.epoch) {
-            if self.epoch.is_some() {
-                self.end_epoch()?;
-                if self.steps_per_epoch.is_none() {
-                    self.steps_per_epoch = Some(self.step.max(1));
-                }
-            }
-            self.epoch = Some(sample.epoch);
         }
         // Every view is a labeled image: one step over all of them.
         for view in &batch.views {
@@ -529,7 +557,7 @@ impl Sink for SupervisedSink {
             if self.step.is_multiple_of(self.cfg.log_every) {
                 self.write(serde_json::json!({
                     "type": "supervised_step", "stage": self.id, "step": self.step,
-                    "epoch": sample.epoch, "loss": loss, "train_acc": acc, "lr": lr,
+                    "epoch": sample_epoch, "loss": loss, "train_acc": acc, "lr": lr,
                 }))?;
             }
             self.step += 1;
@@ -537,7 +565,7 @@ impl Sink for SupervisedSink {
         Ok(())
     }
 
-    fn finish(&mut self) -> Result<(), StageError> {
+    fn finish_inner(&mut self) -> Result<(), StageError> {
         self.end_epoch()?;
         self.epoch = None;
         if let (Some(ft), Some(engine)) = (&self.fine_tune, &self.engine) {
@@ -710,6 +738,7 @@ impl StageConfig for FineTune {
         Ok(Stage::Sink(Box::new(SupervisedSink {
             cfg,
             method: "fine_tuned".into(),
+            pending: None,
             fine_tune: Some(FineTuneRun {
                 fraction: self.label_fraction,
                 seed: cx.seed,
@@ -730,4 +759,17 @@ impl StageConfig for FineTune {
             sums: (0, 0.0, 0.0),
         })))
     }
+}
+
+/// `a`'s rows followed by `b`'s.
+fn concat(mut a: simclr_core::Batch, b: simclr_core::Batch) -> simclr_core::Batch {
+    for (va, vb) in a.views.iter_mut().zip(&b.views) {
+        va.data.extend_from_slice(&vb.data);
+        if let (Some(na), Some(nb)) = (va.shape.first_mut(), vb.shape.first()) {
+            *na += nb;
+        }
+    }
+    a.indices.extend_from_slice(&b.indices);
+    a.labels.extend_from_slice(&b.labels);
+    a
 }
