@@ -7,7 +7,8 @@ use crate::yaml::{self, Node, Pos, Spanned};
 
 /// Keys every stage may carry besides its kind's own fields.
 pub const COMMON_STAGE_KEYS: &[&str] = &["id", "kind", "input", "inputs", "workers", "capacity"];
-const TOP_KEYS: &[&str] = &["name", "seed", "plugins", "stages", "sweep", "fuse", "chunk"];
+const TOP_KEYS: &[&str] =
+    &["name", "seed", "plugins", "stages", "sweep", "fuse", "chunk", "profiles", "profile"];
 
 /// One entry of `stages:` with its common keys split off.
 #[derive(Clone, Debug)]
@@ -60,16 +61,95 @@ pub fn parse(file: &Path, src: &str, overrides: &[String]) -> Result<PipelineSpe
             .fix("fix the YAML syntax at this position")])
     })?;
     let mut diags = Diagnostics::default();
-    for (i, o) in overrides.iter().enumerate() {
-        if let Err(msg) = apply_override(&mut doc, o) {
-            diags.push(
-                Diagnostic::new("--set", Pos { line: 1, col: i as u32 + 1 }, format!("`{o}`: {}", msg.0))
-                    .fix(msg.1),
-            );
+    // `profile=NAME` first, then the profile's changes, then the other overrides: a `--set`
+    // can adjust what a profile set.
+    let is_profile = |o: &str| o.split_once('=').is_some_and(|(k, _)| k.trim() == "profile");
+    for pass in [true, false] {
+        for (i, o) in overrides.iter().enumerate().filter(|(_, o)| is_profile(o) == pass) {
+            if let Err(msg) = apply_override(&mut doc, o) {
+                diags.push(
+                    Diagnostic::new("--set", Pos { line: 1, col: i as u32 + 1 }, format!("`{o}`: {}", msg.0))
+                        .fix(msg.1),
+                );
+            }
+        }
+        if pass {
+            apply_profile(file, &mut doc, &mut diags);
         }
     }
     let spec = from_doc(file, doc, &mut diags);
     diags.into_result(spec)
+}
+
+/// Applies the changes of the profile named by the top-level `profile:` key (usually set from
+/// the command line: `--set profile=cifar10`) from the `profiles:` section, in order, with the
+/// same meaning as a sweep variant's changes. The key is then cleared, so the resolved pipeline
+/// does not apply them twice.
+fn apply_profile(file: &Path, doc: &mut Spanned<Node>, diags: &mut Diagnostics) {
+    let Node::Map(top) = &doc.value else { return };
+    let (name, name_pos) = match top.iter().find(|(k, _)| k.value == "profile") {
+        None => return,
+        Some((_, v)) => match &v.value {
+            Node::Null => return,
+            Node::Str(s) => (s.clone(), v.pos),
+            other => {
+                diags.push(
+                    Diagnostic::new(
+                        file,
+                        v.pos,
+                        format!("`profile` must be a name, found {}", other.type_name()),
+                    )
+                    .fix("write e.g. `--set profile=cifar10`"),
+                );
+                return;
+            }
+        },
+    };
+    let profiles: Vec<(Spanned<String>, Spanned<Node>)> =
+        match top.iter().find(|(k, _)| k.value == "profiles") {
+            Some((_, Spanned { value: Node::Map(m), .. })) => m.clone(),
+            _ => Vec::new(),
+        };
+    let names: Vec<&str> = profiles.iter().map(|(k, _)| k.value.as_str()).collect();
+    let Some((_, changes)) = profiles.iter().find(|(k, _)| k.value == name) else {
+        let fix = if names.is_empty() {
+            "this file has no `profiles:` section; remove `profile`".to_string()
+        } else {
+            format!("name one of: {}", names.join(", "))
+        };
+        // A name from the command line has no position in the file.
+        let d = if name_pos == Pos::default() {
+            Diagnostic::new(
+                "--set",
+                Pos { line: 1, col: 1 },
+                format!("no profile `{name}` in {}", file.display()),
+            )
+        } else {
+            Diagnostic::new(file, name_pos, format!("no profile `{name}`"))
+        };
+        diags.push(d.fix(fix));
+        return;
+    };
+    let Node::Map(changes) = &changes.value else {
+        diags.push(
+            Diagnostic::new(file, changes.pos, format!("profile `{name}` must be a mapping of changes"))
+                .fix("write e.g. `cifar10: {train.stem: cifar, data: {kind: cifar10, path: DIR}}`"),
+        );
+        return;
+    };
+    for (target, value) in changes.clone() {
+        if let Err((msg, fix)) = apply_change(doc, &target.value, value, Some(target.pos)) {
+            diags.push(
+                Diagnostic::new(file, target.pos, format!("profile `{name}`: `{}`: {msg}", target.value))
+                    .fix(fix),
+            );
+        }
+    }
+    if let Node::Map(top) = &mut doc.value {
+        if let Some((_, v)) = top.iter_mut().find(|(k, _)| k.value == "profile") {
+            v.value = Node::Null;
+        }
+    }
 }
 
 /// Reads a pipeline document (overrides already applied) into a spec, reporting problems of
@@ -150,6 +230,8 @@ pub fn from_doc(file: &Path, doc: Spanned<Node>, diags: &mut Diagnostics) -> Pip
                 ),
             },
             "sweep" => spec.sweep = Some(value.clone()),
+            // Applied before this point (`apply_profile`).
+            "profiles" | "profile" => {}
             "stages" => {
                 saw_stages = true;
                 match &value.value {
@@ -514,4 +596,33 @@ fn set_path(node: &mut Spanned<Node>, path: &[&str], value: Spanned<Node>, fallb
     let child = &mut entries[idx].1;
     let pos = child.pos;
     set_path(child, rest, value, pos, at);
+}
+
+#[cfg(test)]
+mod profile_tests {
+    use super::*;
+
+    const SRC: &str = "name: p\nprofiles:\n  big:\n    crop.size: 64\n    blur: off\n    data: {kind: counter, count: 9}\nstages:\n  - { id: data, kind: synthetic_shapes }\n  - { id: crop, kind: random_resized_crop, size: 32 }\n  - { id: blur, kind: gaussian_blur }\n";
+
+    #[test]
+    fn a_profile_applies_its_changes_once() {
+        let plain = parse(Path::new("p.yaml"), SRC, &[]).unwrap();
+        assert_eq!(plain.stages.len(), 3);
+        let spec = parse(Path::new("p.yaml"), SRC, &["profile=big".to_string()]).unwrap();
+        let kinds: Vec<&str> = spec.stages.iter().map(|s| s.kind.value.as_str()).collect();
+        assert_eq!(kinds, ["counter", "random_resized_crop"]);
+        assert!(matches!(spec.stages[1].config.value.get("size").map(|n| &n.value), Some(Node::Int(64))));
+        // The resolved document no longer names the profile: running it again changes nothing.
+        let again = crate::yaml::parse(&serde_json::to_string(&spec.doc.value.to_json()).unwrap()).unwrap();
+        assert!(matches!(again.value.get("profile").map(|n| &n.value), Some(Node::Null)));
+    }
+
+    #[test]
+    fn an_unknown_profile_lists_the_known_ones() {
+        let e = parse(Path::new("p.yaml"), SRC, &["profile=huge".to_string()]).unwrap_err().to_string();
+        assert!(
+            e.contains("no profile `huge`") && e.contains("name one of: big") && e.starts_with("--set"),
+            "{e}"
+        );
+    }
 }
