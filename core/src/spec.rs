@@ -74,7 +74,7 @@ pub fn parse(file: &Path, src: &str, overrides: &[String]) -> Result<PipelineSpe
             }
         }
         if pass {
-            apply_profile(file, &mut doc, &mut diags);
+            apply_profile(file, &mut doc, &mut diags, overrides.iter().any(|o| is_profile(o)));
         }
     }
     let spec = from_doc(file, doc, &mut diags);
@@ -85,7 +85,7 @@ pub fn parse(file: &Path, src: &str, overrides: &[String]) -> Result<PipelineSpe
 /// the command line: `--set profile=cifar10`) from the `profiles:` section, in order, with the
 /// same meaning as a sweep variant's changes. The key is then cleared, so the resolved pipeline
 /// does not apply them twice.
-fn apply_profile(file: &Path, doc: &mut Spanned<Node>, diags: &mut Diagnostics) {
+fn apply_profile(file: &Path, doc: &mut Spanned<Node>, diags: &mut Diagnostics, from_cli: bool) {
     let Node::Map(top) = &doc.value else { return };
     let (name, name_pos) = match top.iter().find(|(k, _)| k.value == "profile") {
         None => return,
@@ -118,7 +118,7 @@ fn apply_profile(file: &Path, doc: &mut Spanned<Node>, diags: &mut Diagnostics) 
             format!("name one of: {}", names.join(", "))
         };
         // A name from the command line has no position in the file.
-        let d = if name_pos == Pos::default() {
+        let d = if from_cli {
             Diagnostic::new(
                 "--set",
                 Pos { line: 1, col: 1 },
