@@ -43,7 +43,9 @@ pub fn measure(plan: &Plan, opts: &RunOptions, steps: u64) -> Result<Option<serd
     o.epochs = None;
     o.digest = false;
     eprintln!("bench: timing {steps} training steps (+1 warm-up) of {batch_size} pairs");
-    let stages = build_chain(plan, &chain, Mode::Full, Some(&dir), &simclr_core::Artifacts::default())?;
+    // Sources the training stage reads besides its stream (a kNN monitor's data).
+    simclr_core::driver::data_sources(plan, &o)?;
+    let stages = build_chain(plan, &chain, Mode::Full, Some(&dir), &o.artifacts)?;
     let result = run_chain(stages, &o);
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&dir);
@@ -55,7 +57,11 @@ pub fn measure(plan: &Plan, opts: &RunOptions, steps: u64) -> Result<Option<serd
         .collect();
     let timed: Vec<&serde_json::Value> = rows.iter().skip(1).collect();
     if timed.is_empty() {
-        return Err(Failure::Runtime("the training stage logged no steps to time".into()));
+        return Err(Failure::Runtime(
+            "the training stage logged no steps to time: it logs every `log_every` steps; \
+             add `--set TRAIN.log_every=1` (TRAIN: the training stage's id)"
+                .into(),
+        ));
     }
     let field = |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
     let mut step_s: Vec<f64> = timed.iter().map(|v| field(v, "step_s")).collect();

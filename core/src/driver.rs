@@ -143,8 +143,9 @@ pub fn schedule(plan: &Plan) -> Vec<Unit> {
     order
 }
 
-/// Sources read by tasks (no stream consumer), built once and stored as artifacts.
-fn data_sources(plan: &Plan, opts: &RunOptions) -> Result<(), RunError> {
+/// Sources read by tasks (no stream consumer), built once and stored as artifacts in
+/// `opts.artifacts` (run before building a chain whose stages read them).
+pub fn data_sources(plan: &Plan, opts: &RunOptions) -> Result<(), RunError> {
     let streamed: Vec<usize> = plan.chains().iter().map(|c| c.source).collect();
     for (i, s) in plan.stages.iter().enumerate() {
         let referenced = plan.stages.iter().any(|t| t.refs.iter().any(|(_, j)| *j == i));
