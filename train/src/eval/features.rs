@@ -50,6 +50,10 @@ pub struct EncoderArtifact {
 }
 
 impl EncoderArtifact {
+    pub fn encode_batch(&self, images: &[f32], shape: [usize; 4]) -> Result<Vec<f32>, String> {
+        self.encode(images, shape)
+    }
+
     pub fn tensors(&self) -> Vec<crate::export::NamedTensor> {
         self.encoder.lock().unwrap_or_else(|p| p.into_inner()).tensors()
     }
@@ -164,7 +168,12 @@ pub fn source_of(cx: &Context, field: &str, id: &str) -> Result<std::sync::Arc<D
 }
 
 /// Reads item `index` of `data` as an evaluation image and its label.
-fn read_one(data: &DataSource, index: u64, seed: u64, t: &EvalTransform) -> Result<(Image, u32), StageError> {
+pub fn read_one(
+    data: &DataSource,
+    index: u64,
+    seed: u64,
+    t: &EvalTransform,
+) -> Result<(Image, u32), StageError> {
     let ctx = SampleCtx { seed, stage_key: stage_key(&data.id), epoch: 0, index };
     let sample = data.source.read(index, &ctx)?;
     let img = match sample.payload {
@@ -181,6 +190,43 @@ fn read_one(data: &DataSource, index: u64, seed: u64, t: &EvalTransform) -> Resu
         )));
     };
     Ok((t.apply(&img)?, label))
+}
+
+/// Reads, transforms (`augment`, e.g. crop + flip) and encodes the items `indices` of `data`;
+/// bad items are skipped when the source says `on_error: skip`.
+pub fn encode_items(
+    encode: &EncodeFn<'_>,
+    data: &DataSource,
+    indices: &[u64],
+    t: &EvalTransform,
+    seed: u64,
+    augment: &(dyn Fn(Image, u64) -> Result<Image, StageError> + Sync),
+) -> Result<Features, StageError> {
+    let skip = data.source.options().on_error == OnError::Skip;
+    let read: Vec<Result<(Image, u32), StageError>> = indices
+        .par_iter()
+        .map(|&i| read_one(data, i, seed, t).and_then(|(img, y)| Ok((augment(img, i)?, y))))
+        .collect();
+    let mut out = Features::default();
+    let mut pixels = Vec::new();
+    let mut shape = None;
+    for (r, &i) in read.into_iter().zip(indices) {
+        let (img, label) = match r {
+            Ok(x) => x,
+            Err(StageError::Data(_)) if skip => continue,
+            Err(e) => return Err(StageError::fatal(format!("source '{}', item {i}: {e}", data.id))),
+        };
+        if *shape.get_or_insert((img.width, img.height)) != (img.width, img.height) {
+            return Err(StageError::fatal(format!("source '{}': item {i} has another size", data.id)));
+        }
+        pixels.extend(image_to_chw(&img, t.mean.unwrap_or([0.0; 3]), t.std.unwrap_or([1.0; 3])).data);
+        out.y.push(label);
+    }
+    if let (Some((w, h)), n) = (shape, out.y.len()) {
+        out.x = encode(&pixels, [n, 3, h as usize, w as usize]).map_err(StageError::fatal)?;
+        out.dim = out.x.len() / n.max(1);
+    }
+    Ok(out)
 }
 
 /// Items of `data` an evaluation reads: the whole source, or its `limit`.

@@ -263,8 +263,51 @@ pub fn fit_lbfgs(f: &Features, classes: usize, l2: f64, max_iter: usize, tol: f6
     (unpack(&theta, c, d), report)
 }
 
-/// Minibatch SGD with Nesterov momentum 0.9 and a cosine learning-rate decay, from zero weights
-/// (the paper's linear evaluation optimizer, on fixed features). Deterministic given `seed`.
+/// Minibatch SGD with Nesterov momentum 0.9 and a cosine decay over `total` steps, from zero
+/// weights (the paper's linear-evaluation optimizer). Fed one minibatch at a time, so the
+/// minibatches can be fresh augmentations.
+pub struct Sgd {
+    pub model: Linear,
+    v: Vec<f64>,
+    g: Vec<f64>,
+    l2: f64,
+    lr: f64,
+    step: usize,
+    total: usize,
+}
+
+impl Sgd {
+    pub fn new(classes: usize, dim: usize, l2: f64, lr: f64, total: usize) -> Self {
+        let n = classes * dim + classes;
+        Self {
+            model: Linear::zeros(classes, dim),
+            v: vec![0.0; n],
+            g: vec![0.0; n],
+            l2,
+            lr,
+            step: 0,
+            total: total.max(1),
+        }
+    }
+
+    /// One update on `batch`; returns its loss before the update.
+    pub fn step(&mut self, batch: &Features) -> f64 {
+        let loss = objective(&self.model, batch, self.l2, &mut self.g);
+        let rate =
+            self.lr * 0.5 * (1.0 + (std::f64::consts::PI * self.step as f64 / self.total as f64).cos());
+        let m = &mut self.model;
+        let cd = m.classes * m.dim;
+        for (k, (v, g)) in self.v.iter_mut().zip(&self.g).enumerate() {
+            *v = 0.9 * *v + g;
+            let t = if k < cd { &mut m.w[k] } else { &mut m.b[k - cd] };
+            *t -= rate * (g + 0.9 * *v);
+        }
+        self.step += 1;
+        loss
+    }
+}
+
+/// [`Sgd`] over fixed features for `epochs`, reshuffled each epoch from `seed`.
 pub fn fit_sgd(
     f: &Features,
     classes: usize,
@@ -274,16 +317,10 @@ pub fn fit_sgd(
     batch: usize,
     seed: u64,
 ) -> (Linear, FitReport) {
-    let mut m = Linear::zeros(classes, f.dim);
-    let n_par = classes * f.dim + classes;
-    let mut v = vec![0.0; n_par];
-    let mut g = vec![0.0; n_par];
+    let batch = batch.max(1);
+    let mut sgd = Sgd::new(classes, f.dim, l2, lr, epochs * f.len().div_ceil(batch));
     let mut order: Vec<usize> = (0..f.len()).collect();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let batch = batch.max(1);
-    let steps_per_epoch = f.len().div_ceil(batch).max(1);
-    let total = (epochs * steps_per_epoch).max(1);
-    let mut step = 0usize;
     let mut loss = 0.0;
     for _ in 0..epochs {
         order.shuffle(&mut rng);
@@ -293,18 +330,11 @@ pub fn fit_sgd(
                 y: idx.iter().map(|&i| f.y[i]).collect(),
                 dim: f.dim,
             };
-            loss = objective(&m, &sub, l2, &mut g);
-            let rate = lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total as f64).cos());
-            let mut theta: Vec<f64> = m.w.iter().chain(&m.b).copied().collect();
-            for ((t, v), g) in theta.iter_mut().zip(v.iter_mut()).zip(&g) {
-                *v = 0.9 * *v + g;
-                *t -= rate * (g + 0.9 * *v);
-            }
-            m = unpack(&theta, classes, f.dim);
-            step += 1;
+            loss = sgd.step(&sub);
         }
     }
-    (m, FitReport { iterations: step, loss, converged: true })
+    let iterations = sgd.step;
+    (sgd.model, FitReport { iterations, loss, converged: true })
 }
 
 #[cfg(test)]

@@ -107,6 +107,11 @@ pub struct LinearEval {
     pub lr: f64,
     #[serde(default = "batch")]
     pub batch_size: usize,
+    /// `sgd`: train on random resized crops + flips of the training images, encoded afresh
+    /// every epoch (the paper's linear evaluation; default true). `false`: on the cached
+    /// features of the un-augmented images (much faster).
+    #[serde(default = "yes")]
+    pub augment: bool,
     /// Also report kNN accuracy on the same features (default true).
     #[serde(default = "yes")]
     pub knn: bool,
@@ -277,6 +282,10 @@ impl Task for EvalTask {
                     };
                     let (model, rep) = match c.protocol {
                         Protocol::Lbfgs => fit_lbfgs(&tr, n_classes, c.l2, c.max_iter, 1e-6),
+                        Protocol::Sgd if c.augment => {
+                            let lr = c.lr * c.batch_size as f64 / 256.0;
+                            augmented_sgd(cx, c, id, &train, n_classes, lr)?
+                        }
                         Protocol::Sgd => {
                             let lr = c.lr * c.batch_size as f64 / 256.0;
                             fit_sgd(&tr, n_classes, c.l2, lr, c.epochs, c.batch_size, cx.seed)
@@ -320,6 +329,76 @@ impl Task for EvalTask {
         }
         Ok(())
     }
+}
+
+/// The SGD protocol on fresh crop + flip augmentations of the training images every epoch;
+/// features are standardized with the un-augmented training features' statistics (as the
+/// test features are).
+fn augmented_sgd(
+    cx: &Context,
+    c: &LinearEval,
+    encoder_id: &str,
+    plain: &Features,
+    classes: usize,
+    lr: f64,
+) -> Result<(super::linear::Linear, super::linear::FitReport), StageError> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    use simclr_core::rng::stage_key;
+    use simclr_core::{MapStage, Payload, Sample, SampleCtx};
+    let data = source_of(cx, "train_data", &c.train_data)?;
+    let encoder = encoder_of(cx, "encoders", encoder_id)?;
+    let std = Standardizer::fit(plain);
+    // The crop's output side: that of the evaluation images.
+    let side = super::features::read_one(&data, 0, cx.seed, &c.transform)?.0.width;
+    let crop: simclr_stages::augment::crop::RandomResizedCrop =
+        serde_json::from_value(json!({"size": side})).map_err(|e| StageError::fatal(e.to_string()))?;
+    let flip: simclr_stages::augment::flip::HorizontalFlip =
+        serde_json::from_value(json!({})).map_err(|e| StageError::fatal(e.to_string()))?;
+    let keys = (stage_key(&format!("{}/crop", cx.stage_id)), stage_key(&format!("{}/flip", cx.stage_id)));
+    let n = super::features::eval_len(&data);
+    let batch = c.batch_size.max(1);
+    let mut sgd =
+        super::linear::Sgd::new(classes, plain.dim, c.l2, lr, c.epochs * (n as usize).div_ceil(batch));
+    let mut order: Vec<u64> = (0..n).collect();
+    let mut loss = 0.0;
+    let start = Instant::now();
+    for epoch in 0..c.epochs {
+        let mut rng =
+            rand_chacha::ChaCha8Rng::seed_from_u64(cx.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9));
+        order.shuffle(&mut rng);
+        let e = epoch as u32;
+        let augment = |img: simclr_core::Image, index: u64| -> Result<simclr_core::Image, StageError> {
+            let mut sample =
+                Sample { index, epoch: e, payload: Payload::Views(vec![img]), ..Sample::default() };
+            let ctx = |stage_key| SampleCtx { seed: cx.seed, stage_key, epoch: e, index };
+            crop.apply(&mut sample, &ctx(keys.0))?;
+            flip.apply(&mut sample, &ctx(keys.1))?;
+            match sample.payload {
+                Payload::Views(mut v) if !v.is_empty() => Ok(v.swap_remove(0)),
+                _ => Err(StageError::fatal("the augmentation lost the image")),
+            }
+        };
+        for idx in order.chunks(batch) {
+            let f = super::features::encode_items(
+                &|x, s| encoder.encode_batch(x, s),
+                &data,
+                idx,
+                &c.transform,
+                cx.seed,
+                &augment,
+            )?;
+            if !f.is_empty() {
+                loss = sgd.step(&std.apply(&f));
+            }
+        }
+        tracing::info!(
+            "'{}': linear SGD epoch {epoch}: loss {loss:.4} ({:.0} s)",
+            cx.stage_id,
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok((sgd.model, super::linear::FitReport { iterations: c.epochs, loss, converged: true }))
 }
 
 /// `extract_features`: runs a frozen encoder over a labeled source with the evaluation transform
@@ -435,6 +514,44 @@ mod tests {
         assert!((0.0..=100.0).contains(&top1), "{r:?}");
         assert!(r["simclr"]["knn_top1"].as_f64().is_some());
         assert_eq!(r["evals"][0]["test_size"], 30);
+    }
+
+    #[test]
+    fn the_sgd_protocol_trains_on_augmented_images_and_repeats_exactly() {
+        let run = || {
+            let artifacts = Artifacts::default();
+            let cx = Context {
+                seed: 5,
+                stage_id: "lin".into(),
+                artifacts: artifacts.clone(),
+                ..Context::default()
+            };
+            artifacts.put("tr", source(&cx, "tr", "train", 48));
+            artifacts.put("te", source(&cx, "te", "test", 24));
+            let arch: crate::SimclrTrain = serde_json::from_value(json!({"width": 0.0625})).unwrap();
+            let engine = make_engine(&arch, 1).unwrap();
+            artifacts.put(
+                "enc",
+                EncoderArtifact {
+                    stage: "enc".into(),
+                    method: "simclr".into(),
+                    arch,
+                    encoder: Mutex::new(Box::new(EngineEncoder(engine))),
+                },
+            );
+            let cfg: LinearEval = serde_json::from_value(json!({
+                "encoders": ["enc"], "train_data": "tr", "test_data": "te", "protocol": "sgd",
+                "epochs": 2, "batch_size": 16, "knn": false
+            }))
+            .unwrap();
+            assert!(cfg.augment, "crop + flip by default");
+            let Ok(Stage::Task(mut task)) = cfg.build(&cx) else { panic!("not a task") };
+            task.run().unwrap();
+            artifacts.results()["simclr"]["linear_top1"].as_f64().unwrap()
+        };
+        let a = run();
+        assert!((0.0..=100.0).contains(&a));
+        assert_eq!(a, run(), "same seed, same result");
     }
 
     #[test]
