@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use rand::seq::SliceRandom;
 
 use crate::error::{RunError, StageError};
@@ -333,7 +333,17 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
                     if items.is_empty() {
                         break;
                     }
-                    if token_rx.recv().is_err() || shared.stopped() {
+                    // Wait for a token, but not past a stop: a worker that stops drops its
+                    // chunk (and so its token), and a worker still waiting for input only
+                    // returns once this feeder has gone.
+                    loop {
+                        match token_rx.recv_timeout(Duration::from_millis(20)) {
+                            Ok(()) => break,
+                            Err(RecvTimeoutError::Timeout) if !shared.stopped() => {}
+                            Err(_) => break 'epochs,
+                        }
+                    }
+                    if shared.stopped() {
                         break 'epochs;
                     }
                     let count = items.len() as u64;
