@@ -236,12 +236,14 @@ pub fn state_tensors<B: AutodiffBackend>(
     Ok(out)
 }
 
-/// Replaces every float tensor of a module by the checkpoint's `model.<path>`.
-struct Load<'a, B: Backend> {
-    tensors: &'a mut HashMap<String, NamedTensor>,
-    device: B::Device,
-    path: Vec<String>,
-    errors: Vec<String>,
+/// Replaces every float tensor of a module by the checkpoint's `model.<path>` (only those under
+/// `model.<only>` when `only` is given: fine-tuning loads just the encoder).
+pub(crate) struct Load<'a, B: Backend> {
+    pub tensors: &'a mut HashMap<String, NamedTensor>,
+    pub device: B::Device,
+    pub path: Vec<String>,
+    pub errors: Vec<String>,
+    pub only: Option<&'static str>,
 }
 
 impl<B: Backend> ModuleMapper<B> for Load<'_, B> {
@@ -254,6 +256,9 @@ impl<B: Backend> ModuleMapper<B> for Load<'_, B> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
         let name = format!("model.{}", self.path.join("."));
+        if self.only.is_some_and(|p| !name.starts_with(&format!("model.{p}."))) {
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
         let dims = tensor.dims();
         let new = match self.tensors.remove(&name) {
             None => {
@@ -288,8 +293,13 @@ pub fn load_state<B: AutodiffBackend>(
     };
     let steps = scalar("trainer.steps")?;
     let opt_steps = scalar("optim.steps")?;
-    let mut load =
-        Load::<B> { tensors: &mut map, device: device.clone(), path: Vec::new(), errors: Vec::new() };
+    let mut load = Load::<B> {
+        tensors: &mut map,
+        device: device.clone(),
+        path: Vec::new(),
+        errors: Vec::new(),
+        only: None,
+    };
     let model = model.map(&mut load);
     let mut errors = load.errors;
     let mut state = HashMap::new();

@@ -145,20 +145,7 @@ impl TrainSink {
     }
 
     fn write_line(&mut self, line: serde_json::Value) -> Result<(), StageError> {
-        let Some(dir) = &self.run_dir else { return Ok(()) };
-        if self.metrics.is_none() {
-            let path = dir.join("metrics.jsonl");
-            let f = File::options()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| StageError::fatal(format!("cannot open {}: {e}", path.display())))?;
-            self.metrics = Some(BufWriter::new(f));
-        }
-        let w = self.metrics.as_mut().expect("just opened");
-        writeln!(w, "{line}")
-            .and_then(|_| w.flush())
-            .map_err(|e| StageError::fatal(format!("cannot write metrics.jsonl: {e}")))
+        append_metrics(&mut self.metrics, self.run_dir.as_deref(), &line)
     }
 
     /// Writes the epoch line of the epoch just finished.
@@ -361,4 +348,29 @@ impl Engine for Spent {
     fn load_state(&mut self, _: &[crate::export::NamedTensor]) -> Result<(), String> {
         Err("training already finished".into())
     }
+}
+
+/// Appends one line to `metrics.jsonl` in `run_dir` (none: no run directory, nothing written),
+/// opening it on first use; flushed per line so a crash loses nothing written.
+pub(crate) fn append_metrics(
+    file: &mut Option<BufWriter<File>>,
+    run_dir: Option<&std::path::Path>,
+    line: &serde_json::Value,
+) -> Result<(), StageError> {
+    let Some(dir) = run_dir else { return Ok(()) };
+    let w = match file {
+        Some(w) => w,
+        None => {
+            let path = dir.join("metrics.jsonl");
+            let f = File::options()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| StageError::fatal(format!("cannot open {}: {e}", path.display())))?;
+            file.insert(BufWriter::new(f))
+        }
+    };
+    writeln!(w, "{line}")
+        .and_then(|_| w.flush())
+        .map_err(|e| StageError::fatal(format!("cannot write {}: {e}", dir.join("metrics.jsonl").display())))
 }

@@ -50,15 +50,11 @@ pub struct EncoderArtifact {
 }
 
 impl EncoderArtifact {
-    pub fn encode_batch(&self, images: &[f32], shape: [usize; 4]) -> Result<Vec<f32>, String> {
-        self.encode(images, shape)
-    }
-
     pub fn tensors(&self) -> Vec<crate::export::NamedTensor> {
         self.encoder.lock().unwrap_or_else(|p| p.into_inner()).tensors()
     }
 
-    fn encode(&self, images: &[f32], shape: [usize; 4]) -> Result<Vec<f32>, String> {
+    pub fn encode(&self, images: &[f32], shape: [usize; 4]) -> Result<Vec<f32>, String> {
         let e = self.encoder.lock().unwrap_or_else(|p| p.into_inner());
         e.encode(images, shape)
     }
@@ -193,7 +189,8 @@ pub fn read_one(
 }
 
 /// Reads, transforms (`augment`, e.g. crop + flip) and encodes the items `indices` of `data`;
-/// bad items are skipped when the source says `on_error: skip`.
+/// bad items are skipped (and logged) when the source says `on_error: skip`. Returns the
+/// features and how many items were skipped.
 pub fn encode_items(
     encode: &EncodeFn<'_>,
     data: &DataSource,
@@ -201,7 +198,7 @@ pub fn encode_items(
     t: &EvalTransform,
     seed: u64,
     augment: &(dyn Fn(Image, u64) -> Result<Image, StageError> + Sync),
-) -> Result<Features, StageError> {
+) -> Result<(Features, u64), StageError> {
     let skip = data.source.options().on_error == OnError::Skip;
     let read: Vec<Result<(Image, u32), StageError>> = indices
         .par_iter()
@@ -209,24 +206,35 @@ pub fn encode_items(
         .collect();
     let mut out = Features::default();
     let mut pixels = Vec::new();
-    let mut shape = None;
+    let mut shape: Option<(u32, u32)> = None;
+    let mut skipped = 0;
+    let (mean, std) = (t.mean.unwrap_or([0.0; 3]), t.std.unwrap_or([1.0; 3]));
     for (r, &i) in read.into_iter().zip(indices) {
         let (img, label) = match r {
             Ok(x) => x,
-            Err(StageError::Data(_)) if skip => continue,
+            Err(StageError::Data(msg)) if skip => {
+                tracing::warn!("source '{}': skipped item {i}: {msg}", data.id);
+                skipped += 1;
+                continue;
+            }
             Err(e) => return Err(StageError::fatal(format!("source '{}', item {i}: {e}", data.id))),
         };
-        if *shape.get_or_insert((img.width, img.height)) != (img.width, img.height) {
-            return Err(StageError::fatal(format!("source '{}': item {i} has another size", data.id)));
+        let s = *shape.get_or_insert((img.width, img.height));
+        if s != (img.width, img.height) {
+            return Err(StageError::fatal(format!(
+                "source '{}': item {i} is {}x{} but earlier ones are {}x{}; images above 32 px \
+                 are resized by `transform.size`, smaller ones must all have one size",
+                data.id, img.width, img.height, s.0, s.1
+            )));
         }
-        pixels.extend(image_to_chw(&img, t.mean.unwrap_or([0.0; 3]), t.std.unwrap_or([1.0; 3])).data);
+        pixels.extend(image_to_chw(&img, mean, std).data);
         out.y.push(label);
     }
-    if let (Some((w, h)), n) = (shape, out.y.len()) {
+    if let (Some((w, h)), n @ 1..) = (shape, out.y.len()) {
         out.x = encode(&pixels, [n, 3, h as usize, w as usize]).map_err(StageError::fatal)?;
-        out.dim = out.x.len() / n.max(1);
+        out.dim = out.x.len() / n;
     }
-    Ok(out)
+    Ok((out, skipped))
 }
 
 /// Items of `data` an evaluation reads: the whole source, or its `limit`.
@@ -246,51 +254,17 @@ pub fn extract(
     batch: usize,
 ) -> Result<Features, StageError> {
     let start = Instant::now();
-    let n = eval_len(data);
-    let skip = data.source.options().on_error == OnError::Skip;
+    let indices: Vec<u64> = (0..eval_len(data)).collect();
     let mut out = Features::default();
     let mut skipped = 0u64;
-    let mut shape: Option<(u32, u32)> = None;
-    let indices: Vec<u64> = (0..n).collect();
     for chunk in indices.chunks(batch.max(1)) {
-        let read: Vec<Result<(Image, u32), StageError>> =
-            chunk.par_iter().map(|&i| read_one(data, i, seed, t)).collect();
-        let mut pixels = Vec::new();
-        let mut count = 0usize;
-        for (r, &i) in read.into_iter().zip(chunk) {
-            let (img, label) = match r {
-                Ok(x) => x,
-                Err(StageError::Data(msg)) if skip => {
-                    tracing::warn!("source '{}': skipped item {i}: {msg}", data.id);
-                    skipped += 1;
-                    continue;
-                }
-                Err(e) => return Err(StageError::fatal(format!("source '{}', item {i}: {e}", data.id))),
-            };
-            match shape {
-                None => shape = Some((img.width, img.height)),
-                Some(s) if s != (img.width, img.height) => {
-                    return Err(StageError::fatal(format!(
-                        "source '{}': item {i} is {}x{} but earlier ones are {}x{}; images above 32 px \
-                         are resized by `transform.size`, smaller ones must all have one size",
-                        data.id, img.width, img.height, s.0, s.1
-                    )))
-                }
-                Some(_) => {}
-            }
-            let mean = t.mean.unwrap_or([0.0; 3]);
-            let std = t.std.unwrap_or([1.0; 3]);
-            pixels.extend(image_to_chw(&img, mean, std).data);
-            out.y.push(label);
-            count += 1;
+        let (f, s) = encode_items(encode, data, chunk, t, seed, &|img, _| Ok(img))?;
+        skipped += s;
+        if !f.is_empty() {
+            out.dim = f.dim;
+            out.x.extend(f.x);
+            out.y.extend(f.y);
         }
-        let Some((w, h)) = shape else { continue };
-        if count == 0 {
-            continue;
-        }
-        let h_batch = encode(&pixels, [count, 3, h as usize, w as usize]).map_err(StageError::fatal)?;
-        out.dim = h_batch.len() / count;
-        out.x.extend(h_batch);
     }
     if out.is_empty() {
         return Err(StageError::fatal(format!("source '{}' gave no images to evaluate on", data.id)));

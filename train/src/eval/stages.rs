@@ -381,13 +381,14 @@ fn augmented_sgd(
         };
         for idx in order.chunks(batch) {
             let f = super::features::encode_items(
-                &|x, s| encoder.encode_batch(x, s),
+                &|x, s| encoder.encode(x, s),
                 &data,
                 idx,
                 &c.transform,
                 cx.seed,
                 &augment,
-            )?;
+            )?
+            .0;
             if !f.is_empty() {
                 loss = sgd.step(&std.apply(&f));
             }
@@ -467,7 +468,6 @@ impl Task for ExtractTask {
 mod tests {
     use super::*;
     use simclr_core::driver::DataSource;
-    use simclr_core::Artifacts;
 
     fn source(cx: &Context, id: &str, split: &str, count: u64) -> DataSource {
         let cfg: simclr_stages::source::synthetic::SyntheticShapes =
@@ -477,28 +477,24 @@ mod tests {
         DataSource { id: id.into(), kind: "synthetic_shapes".into(), source }
     }
 
-    #[test]
-    fn linear_eval_leaves_the_encoder_unchanged_and_records_results() {
-        let artifacts = Artifacts::default();
-        let cx = Context {
-            seed: 5,
-            stage_id: "linear".into(),
-            artifacts: artifacts.clone(),
-            ..Context::default()
-        };
-        artifacts.put("tr", source(&cx, "tr", "train", 60));
-        artifacts.put("te", source(&cx, "te", "test", 30));
+    /// A context whose artifacts hold sources `tr` and `te` of the given sizes and an untrained
+    /// encoder `enc` filed as `simclr`.
+    fn setup(train: u64, test: u64) -> Context {
+        let cx = Context { seed: 5, stage_id: "linear".into(), ..Context::default() };
+        cx.artifacts.put("tr", source(&cx, "tr", "train", train));
+        cx.artifacts.put("te", source(&cx, "te", "test", test));
         let arch: crate::SimclrTrain = serde_json::from_value(json!({"width": 0.0625})).unwrap();
         let engine = make_engine(&arch, 1).unwrap();
-        artifacts.put(
-            "enc",
-            EncoderArtifact {
-                stage: "enc".into(),
-                method: "simclr".into(),
-                arch,
-                encoder: Mutex::new(Box::new(EngineEncoder(engine))),
-            },
-        );
+        let encoder = Mutex::new(Box::new(EngineEncoder(engine)) as Box<dyn super::super::features::Encode>);
+        cx.artifacts
+            .put("enc", EncoderArtifact { stage: "enc".into(), method: "simclr".into(), arch, encoder });
+        cx
+    }
+
+    #[test]
+    fn linear_eval_leaves_the_encoder_unchanged_and_records_results() {
+        let cx = setup(60, 30);
+        let artifacts = cx.artifacts.clone();
         let before = artifacts.get::<EncoderArtifact>("enc").unwrap().tensors();
         assert!(!before.is_empty());
         let cfg: LinearEval = serde_json::from_value(
@@ -519,26 +515,8 @@ mod tests {
     #[test]
     fn the_sgd_protocol_trains_on_augmented_images_and_repeats_exactly() {
         let run = || {
-            let artifacts = Artifacts::default();
-            let cx = Context {
-                seed: 5,
-                stage_id: "lin".into(),
-                artifacts: artifacts.clone(),
-                ..Context::default()
-            };
-            artifacts.put("tr", source(&cx, "tr", "train", 48));
-            artifacts.put("te", source(&cx, "te", "test", 24));
-            let arch: crate::SimclrTrain = serde_json::from_value(json!({"width": 0.0625})).unwrap();
-            let engine = make_engine(&arch, 1).unwrap();
-            artifacts.put(
-                "enc",
-                EncoderArtifact {
-                    stage: "enc".into(),
-                    method: "simclr".into(),
-                    arch,
-                    encoder: Mutex::new(Box::new(EngineEncoder(engine))),
-                },
-            );
+            let cx = setup(48, 24);
+            let artifacts = cx.artifacts.clone();
             let cfg: LinearEval = serde_json::from_value(json!({
                 "encoders": ["enc"], "train_data": "tr", "test_data": "te", "protocol": "sgd",
                 "epochs": 2, "batch_size": 16, "knn": false

@@ -2,7 +2,7 @@
 //! classifier trained with cross-entropy on labeled batches (crop + flip upstream).
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::BufWriter;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -10,11 +10,10 @@ use std::sync::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::module::{AutodiffModule, Module};
 use burn::optim::GradientsParams;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::Deserialize;
 use simclr_core::{
@@ -177,52 +176,6 @@ impl<B: AutodiffBackend> Encode for SupTrainer<B> {
     }
 }
 
-/// Loads `encoder.<name>` float tensors from a map; leaves everything else.
-struct LoadEncoder<'a, B: Backend> {
-    tensors: &'a HashMap<String, (Vec<usize>, Vec<f32>)>,
-    device: B::Device,
-    path: Vec<String>,
-    loaded: usize,
-    errors: Vec<String>,
-}
-
-impl<B: Backend> ModuleMapper<B> for LoadEncoder<'_, B> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (id, tensor, mapper) = param.consume();
-        let full = self.path.join(".");
-        let Some(name) = full.strip_prefix("encoder.") else {
-            return Param::from_mapped_value(id, tensor, mapper);
-        };
-        let dims = tensor.dims();
-        let new = match self.tensors.get(name) {
-            Some((shape, v)) if shape[..] == dims[..] => {
-                self.loaded += 1;
-                let t = Tensor::<B, D>::from_data(TensorData::new(v.clone(), dims), &self.device);
-                if tensor.is_require_grad() {
-                    t.require_grad()
-                } else {
-                    t
-                }
-            }
-            Some((shape, _)) => {
-                self.errors.push(format!("{name} has shape {shape:?}, the model {dims:?}"));
-                tensor
-            }
-            None => {
-                self.errors.push(format!("{name} is missing"));
-                tensor
-            }
-        };
-        Param::from_mapped_value(id, new, mapper)
-    }
-}
-
 impl<B: AutodiffBackend> LabeledEngine for SupTrainer<B> {
     fn predict(&self, images: &[f32], shape: [usize; 4]) -> Result<Vec<f32>, String> {
         let model = self.model()?.valid();
@@ -237,27 +190,28 @@ impl<B: AutodiffBackend> LabeledEngine for SupTrainer<B> {
     }
 
     fn load_encoder(&mut self, tensors: &[NamedTensor]) -> Result<usize, String> {
-        let map: HashMap<String, (Vec<usize>, Vec<f32>)> = tensors
+        // The checkpoint loader, restricted to the encoder (the linear head stays as built).
+        let mut map: HashMap<String, NamedTensor> = tensors
             .iter()
-            .filter_map(|t| match &t.data {
-                Data::F32(v) => Some((t.name.clone(), (t.shape.clone(), v.clone()))),
-                Data::I64(_) => None,
-            })
+            .filter(|t| matches!(t.data, Data::F32(_)))
+            .map(|t| (format!("model.encoder.{}", t.name), t.clone()))
             .collect();
+        let given = map.len();
         let model = self.model.take().ok_or_else(|| "the model was lost in a failed step".to_string())?;
-        let mut load = LoadEncoder::<B> {
-            tensors: &map,
+        let mut load = crate::checkpoint::Load::<B> {
+            tensors: &mut map,
             device: self.device.clone(),
             path: Vec::new(),
-            loaded: 0,
             errors: Vec::new(),
+            only: Some("encoder"),
         };
         self.model = Some(model.map(&mut load));
-        if !load.errors.is_empty() {
-            load.errors.truncate(5);
-            return Err(format!("the encoder does not fit: {}", load.errors.join("; ")));
+        let mut errors = load.errors;
+        if !errors.is_empty() {
+            errors.truncate(5);
+            return Err(format!("the encoder does not fit: {}", errors.join("; ")));
         }
-        Ok(load.loaded)
+        Ok(given - map.len())
     }
 
     fn step(
@@ -361,23 +315,7 @@ impl StageConfig for SupervisedTrain {
         }
         let arch = self.arch().map_err(StageError::fatal)?;
         let engine = make_supervised(&arch, cx.seed).map_err(StageError::fatal)?;
-        Ok(Stage::Sink(Box::new(SupervisedSink {
-            cfg: self.clone(),
-            method: "supervised".into(),
-            fine_tune: None,
-            pending: None,
-            arch,
-            engine: Some(engine),
-            id: cx.stage_id.clone(),
-            run_dir: cx.run_dir.clone(),
-            artifacts: cx.artifacts.clone(),
-            metrics: None,
-            step: 0,
-            epoch: None,
-            steps_per_epoch: None,
-            base_lr: None,
-            sums: (0, 0.0, 0.0),
-        })))
+        Ok(Stage::Sink(Box::new(SupervisedSink::new(self.clone(), arch, engine, cx, None))))
     }
 }
 
@@ -413,23 +351,34 @@ struct SupervisedSink {
 }
 
 impl SupervisedSink {
+    fn new(
+        cfg: SupervisedTrain,
+        arch: SimclrTrain,
+        engine: Box<dyn LabeledEngine>,
+        cx: &Context,
+        fine_tune: Option<FineTuneRun>,
+    ) -> Self {
+        Self {
+            cfg,
+            method: if fine_tune.is_some() { "fine_tuned" } else { "supervised" }.into(),
+            fine_tune,
+            pending: None,
+            arch,
+            engine: Some(engine),
+            id: cx.stage_id.clone(),
+            run_dir: cx.run_dir.clone(),
+            artifacts: cx.artifacts.clone(),
+            metrics: None,
+            step: 0,
+            epoch: None,
+            steps_per_epoch: None,
+            base_lr: None,
+            sums: (0, 0.0, 0.0),
+        }
+    }
+
     fn write(&mut self, line: serde_json::Value) -> Result<(), StageError> {
-        let Some(dir) = &self.run_dir else { return Ok(()) };
-        if self.metrics.is_none() {
-            let path = dir.join("metrics.jsonl");
-            let f = File::options()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| StageError::fatal(format!("cannot open {}: {e}", path.display())))?;
-            self.metrics = Some(BufWriter::new(f));
-        }
-        if let Some(w) = self.metrics.as_mut() {
-            writeln!(w, "{line}")
-                .and_then(|_| w.flush())
-                .map_err(|e| StageError::fatal(format!("cannot write metrics.jsonl: {e}")))?;
-        }
-        Ok(())
+        crate::stage::append_metrics(&mut self.metrics, self.run_dir.as_deref(), &line)
     }
 
     fn end_epoch(&mut self) -> Result<(), StageError> {
@@ -734,30 +683,21 @@ impl StageConfig for FineTune {
         let arch = cfg.arch().map_err(StageError::fatal)?;
         let mut engine = make_supervised(&arch, cx.seed).map_err(StageError::fatal)?;
         let loaded = engine.load_encoder(&start.tensors()).map_err(StageError::fatal)?;
+        if loaded == 0 {
+            return Err(StageError::fatal(format!(
+                "`encoder: {}` gave no weights to start from; name a trained encoder stage",
+                self.encoder
+            )));
+        }
         tracing::info!("'{}': starting from '{}' ({loaded} tensors)", cx.stage_id, self.encoder);
-        Ok(Stage::Sink(Box::new(SupervisedSink {
-            cfg,
-            method: "fine_tuned".into(),
-            pending: None,
-            fine_tune: Some(FineTuneRun {
-                fraction: self.label_fraction,
-                seed: cx.seed,
-                test,
-                transform: self.transform.clone(),
-                method: start.method.clone(),
-            }),
-            arch,
-            engine: Some(engine),
-            id: cx.stage_id.clone(),
-            run_dir: cx.run_dir.clone(),
-            artifacts: cx.artifacts.clone(),
-            metrics: None,
-            step: 0,
-            epoch: None,
-            steps_per_epoch: None,
-            base_lr: None,
-            sums: (0, 0.0, 0.0),
-        })))
+        let run = FineTuneRun {
+            fraction: self.label_fraction,
+            seed: cx.seed,
+            test,
+            transform: self.transform.clone(),
+            method: start.method.clone(),
+        };
+        Ok(Stage::Sink(Box::new(SupervisedSink::new(cfg, arch, engine, cx, Some(run)))))
     }
 }
 
