@@ -11,6 +11,7 @@
 
 pub mod checkpoint;
 pub mod config;
+mod conv;
 pub mod eval;
 pub mod export;
 pub mod loss;

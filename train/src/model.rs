@@ -9,8 +9,7 @@
 use burn::module::{Module, Param, RunningState};
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::{conv2d, max_pool2d};
-use burn::tensor::ops::ConvOptions;
+use burn::tensor::module::max_pool2d;
 use burn::tensor::{Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -78,8 +77,7 @@ impl<B: Backend> Conv<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let (s, p) = (self.stride, self.padding);
-        conv2d(x, self.weight.val(), None, ConvOptions::new([s, s], [p, p], [1, 1], 1))
+        crate::conv::conv2d(x, self.weight.val(), self.stride, self.padding)
     }
 }
 
