@@ -202,8 +202,8 @@ fn weight_grad(x: &FlexTensor, dy: &FlexTensor, geo: &Geometry) -> FlexTensor {
                 col.resize(k * cols, 0.0);
                 im2col(xd, &g, n0, images, &mut col);
                 let dyg = gather_dy(dyd, &g, n0, images, &mut buf);
-                // dW[co, k] += dY_g[co, cols] . col[k, cols]^T
-                matmul(g.co, k, cols, &mut dw, k, true, (dyg, cols, 1), (&col, 1, cols));
+                // dW^T[k, co] += col[k, cols] . dY_g[co, cols]^T
+                matmul(k, g.co, cols, &mut dw, g.co, true, (&col, cols, 1), (dyg, 1, cols));
             }
             dw
         })
@@ -213,14 +213,36 @@ fn weight_grad(x: &FlexTensor, dy: &FlexTensor, geo: &Geometry) -> FlexTensor {
     for part in iter {
         dw.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
     }
-    flex(dw, [g.co, g.ci, g.kh, g.kw])
+    let mut out = vec![0f32; dw.len()];
+    for r in 0..k {
+        for c in 0..g.co {
+            out[c * k + r] = dw[r * g.co + c];
+        }
+    }
+    flex(out, [g.co, g.ci, g.kh, g.kw])
 }
 
-/// Input gradient: col(dX_g) = W^T . dY_g, scattered back by col2im.
+/// Input gradient. Stride 1: the forward convolution of dY by the flipped, transposed kernel
+/// (padding k - 1 - p), which runs at the forward pass's speed. Other strides:
+/// col(dX_g) = W^T . dY_g, scattered back by col2im.
 fn input_grad(w: &FlexTensor, dy: &FlexTensor, geo: &Geometry) -> FlexTensor {
     let (w, dy) = (contiguous_f32(w), contiguous_f32(dy));
     let (wd, dyd): (&[f32], &[f32]) = (w.storage(), dy.storage());
     let g = *geo;
+    if g.s == 1 && g.kh == g.kw && g.p < g.kh && g.h == g.ho && g.w == g.wo {
+        let taps = g.kh * g.kw;
+        let mut flipped = vec![0f32; wd.len()];
+        for o in 0..g.co {
+            for c in 0..g.ci {
+                for t in 0..taps {
+                    flipped[(c * g.co + o) * taps + taps - 1 - t] = wd[(o * g.ci + c) * taps + t];
+                }
+            }
+        }
+        let flipped = flex(flipped, [g.ci, g.co, g.kh, g.kw]);
+        let back = Geometry::new([g.n, g.co, g.ho, g.wo], [g.ci, g.co, g.kh, g.kw], 1, g.kh - 1 - g.p);
+        return forward(&dy, &flipped, &back);
+    }
     let (k, pos, group) = (g.k(), g.positions(), g.group());
     let image = g.ci * g.h * g.w;
     let mut dx = vec![0f32; g.n * image];
@@ -526,5 +548,56 @@ mod tests {
             })
         };
         assert_eq!(run(1), run(3));
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    use super::*;
+    use std::time::Instant;
+
+    /// Timing per ResNet-18 CIFAR layer shape, 256 views:
+    /// `cargo test --release -p simclr-train --lib conv::bench -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn layer_timings() {
+        let shapes = [
+            (64, 32, 64, 1),
+            (64, 32, 128, 2),
+            (128, 16, 128, 1),
+            (128, 16, 256, 2),
+            (256, 8, 256, 1),
+            (256, 8, 512, 2),
+            (512, 4, 512, 1),
+        ];
+        let n = 256;
+        let mut total = [0f64; 3];
+        for (ci, hw, co, s) in shapes {
+            let xs = [n, ci, hw, hw];
+            let x = flex((0..xs.iter().product::<usize>()).map(|i| (i % 7) as f32 - 3.0).collect(), xs);
+            let w = flex(vec![0.01; co * ci * 9], [co, ci, 3, 3]);
+            let geo = Geometry::new(xs, [co, ci, 3, 3], s, 1);
+            let dy = flex(vec![0.5; n * co * geo.positions()], [n, co, geo.ho, geo.wo]);
+            let flops = 2.0 * (n * co * geo.k() * geo.positions()) as f64;
+            let time = |f: &dyn Fn()| {
+                f();
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            };
+            let t = [
+                time(&|| drop(forward(&x, &w, &geo))),
+                time(&|| drop(input_grad(&w, &dy, &geo))),
+                time(&|| drop(weight_grad(&x, &dy, &geo))),
+            ];
+            for i in 0..3 {
+                total[i] += t[i];
+            }
+            println!(
+                "ci {ci:3} {hw:2}x{hw:2} co {co:3} s {s}: fwd {:.3}s ({:.0} GF/s) dx {:.3}s ({:.0}) dw {:.3}s ({:.0})",
+                t[0], flops / t[0] / 1e9, t[1], flops / t[1] / 1e9, t[2], flops / t[2] / 1e9
+            );
+        }
+        println!("total fwd {:.3} dx {:.3} dw {:.3}", total[0], total[1], total[2]);
     }
 }
