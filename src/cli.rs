@@ -96,9 +96,14 @@ enum Command {
         file: PathBuf,
         #[command(flatten)]
         common: Common,
-        /// Samples to push through [default: one epoch].
+        /// Samples to push through, timed from a cold start. Default: one untimed warm-up
+        /// epoch, then whole epochs lasting at least `--min-seconds` (exactly one with
+        /// `--digest`, so the digest does not depend on the machine's speed).
         #[arg(long)]
         samples: Option<u64>,
+        /// Without `--samples`: the least time the measured epochs last.
+        #[arg(long, default_value_t = 2.0)]
+        min_seconds: f64,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -295,10 +300,15 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             let plan = load_str(Path::new("pipelines/demo.yaml"), DEMO, &common.set, common.seed)?;
             run(&plan, &common, out)
         }
-        Command::Bench { file, common, samples, json, digest, train_steps } => {
+        Command::Bench { file, common, samples, min_seconds, json, digest, train_steps } => {
             let plan = load(&file, &common.set, common.seed)?;
             let train = crate::train_bench::measure(&plan, &options(&plan, &common), train_steps)?;
-            bench(&plan, &common, samples, json, digest, train)
+            let length = match samples {
+                Some(n) => BenchLength::Samples(n),
+                None if digest => BenchLength::Epochs(1),
+                None => BenchLength::AtLeast(min_seconds),
+            };
+            bench(&plan, &common, length, json, digest, train)
         }
         Command::Preview { file, n, out, cell, set, seed } => {
             let plan = load(&file, &set, seed)?;
@@ -536,22 +546,45 @@ fn print_report(r: &RunReport) {
     }
 }
 
+/// How much `simclr bench` measures.
+enum BenchLength {
+    /// This many samples from a cold start.
+    Samples(u64),
+    /// Whole epochs after an untimed warm-up epoch.
+    Epochs(u32),
+    /// Whole epochs lasting at least this many seconds, after an untimed warm-up epoch.
+    AtLeast(f64),
+}
+
 fn bench(
     plan: &Plan,
     common: &Common,
-    samples: Option<u64>,
+    length: BenchLength,
     json: bool,
     digest: bool,
     train: Option<serde_json::Value>,
 ) -> Result<(), Failure> {
-    let mut opts = options(plan, common);
-    opts.max_samples = samples;
-    opts.digest = digest;
-    if samples.is_none() {
-        opts.epochs = Some(1);
-    }
     if has_sinks(plan) && !json {
         eprintln!("bench: training and evaluation stages are left out; measuring the data pipeline");
+    }
+    let mut opts = options(plan, common);
+    opts.digest = digest;
+    match length {
+        BenchLength::Samples(n) => opts.max_samples = Some(n),
+        BenchLength::Epochs(_) | BenchLength::AtLeast(_) => {
+            // A warm-up epoch first, as the Python anchors warm up: the file cache, the
+            // allocator's heap and the start-up of threads and pools are not what we measure.
+            let mut warm = options(plan, common);
+            warm.epochs = Some(1);
+            let warm_s = run_plan(plan, &warm, Mode::DataOnly)?.first().map_or(0.0, |(_, r)| r.seconds);
+            opts.epochs = Some(match length {
+                BenchLength::AtLeast(min) if warm_s > 0.0 && min.is_finite() && min > 0.0 => {
+                    (min / warm_s).ceil().clamp(1.0, 10_000.0) as u32
+                }
+                BenchLength::Epochs(e) => e,
+                _ => 1,
+            });
+        }
     }
     let reports = with_progress(&opts, || run_plan(plan, &opts, Mode::DataOnly))?;
     // The first chain is the data pipeline being measured.
