@@ -170,6 +170,17 @@ pub trait Batcher: Send {
     fn push(&mut self, sample: Sample) -> Result<Option<Sample>, StageError>;
     /// At the end of the data: the last, partial batch if it is kept.
     fn flush(&mut self) -> Result<Option<Sample>, StageError>;
+    /// Samples per batch, if the batcher can also run in the workers: then the runtime makes
+    /// every chunk one batch's worth of samples (batches never span epochs, chunks neither)
+    /// and each worker assembles its chunk with its own [`Batcher::fork`], so the copy into the
+    /// batch happens in parallel and not on the collector thread. The batches are the same.
+    fn worker_batch_size(&self) -> Option<usize> {
+        None
+    }
+    /// A batcher for one worker (sharing buffers with this one).
+    fn fork(&self) -> Option<Box<dyn Batcher>> {
+        None
+    }
 }
 
 /// Work that runs once on artifacts of earlier stages (see [`Role::Task`]).

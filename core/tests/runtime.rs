@@ -211,3 +211,110 @@ fn limit_and_shards_partition_the_dataset() {
     assert_eq!(lens, 10);
     assert_eq!(all, (0..10).collect::<Vec<u64>>());
 }
+
+/// Batches of index lists, closed at `size` or when the epoch changes (like `batch`).
+struct Indices {
+    size: usize,
+    drop_last: bool,
+    pending: Vec<Sample>,
+    workers: bool,
+}
+
+impl Indices {
+    fn close(&mut self) -> Option<Sample> {
+        let samples = std::mem::take(&mut self.pending);
+        let first = samples.first()?;
+        if samples.len() < self.size && self.drop_last {
+            return None;
+        }
+        let (index, epoch) = (first.index, first.epoch);
+        let batch = simclr_core::Batch {
+            views: Vec::new(),
+            indices: samples.iter().map(|s| s.index).collect(),
+            labels: samples.iter().map(|s| s.label).collect(),
+            pool: None,
+        };
+        Some(Sample { index, epoch, payload: simclr_core::Payload::Batch(batch), ..Sample::default() })
+    }
+}
+
+impl simclr_core::Batcher for Indices {
+    fn push(&mut self, sample: Sample) -> Result<Option<Sample>, StageError> {
+        let mut out = None;
+        if self.pending.first().is_some_and(|p| p.epoch != sample.epoch) {
+            out = self.close();
+        }
+        self.pending.push(sample);
+        if self.pending.len() >= self.size && out.is_none() {
+            out = self.close();
+        }
+        Ok(out)
+    }
+    fn flush(&mut self) -> Result<Option<Sample>, StageError> {
+        Ok(self.close())
+    }
+    fn worker_batch_size(&self) -> Option<usize> {
+        self.workers.then_some(self.size)
+    }
+    fn fork(&self) -> Option<Box<dyn simclr_core::Batcher>> {
+        Some(Box::new(Indices { pending: Vec::new(), ..*self }))
+    }
+}
+
+/// (first index, epoch, indices, labels) of each batch the sink saw, in order.
+type SeenBatches = Vec<(u64, u32, Vec<u64>, Vec<Option<u32>>)>;
+
+#[derive(Clone, Default)]
+struct CollectBatches(Arc<Mutex<SeenBatches>>);
+
+impl Sink for CollectBatches {
+    fn consume(&mut self, s: Sample) -> Result<(), StageError> {
+        if let (simclr_core::Payload::Batch(b), Ok(mut v)) = (&s.payload, self.0.lock()) {
+            v.push((s.index, s.epoch, b.indices.clone(), b.labels.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// With several workers the batches are assembled in the workers (chunks of one batch each);
+/// they must be the batches the collector makes alone: same samples, same order, the partial
+/// batch at each epoch's end kept or dropped alike, and a `max_samples` cut in the same place.
+#[test]
+fn batches_made_in_the_workers_equal_the_collectors() {
+    let shuffled = SourceOptions { shuffle: true, ..SourceOptions::default() };
+    for (drop_last, max_samples) in [(false, None), (true, None), (false, Some(1_234)), (true, Some(1_234))] {
+        let mut runs = Vec::new();
+        for (threads, workers_may_batch) in [(1, true), (2, false), (2, true), (3, true)] {
+            let out = CollectBatches::default();
+            let opts = RunOptions {
+                seed: 3,
+                threads,
+                digest: true,
+                epochs: Some(3),
+                max_samples,
+                ..RunOptions::default()
+            };
+            let mut c = chain(1_000, shuffled, vec![Arc::new(Noise)], Box::new(out.clone()));
+            let batcher = Indices { size: 64, drop_last, pending: Vec::new(), workers: workers_may_batch };
+            c.batch = Some((info("batch"), Box::new(batcher)));
+            let report = run_chain(c, &opts).unwrap();
+            let batch_line = report.stages.iter().find(|s| s.id == "batch").unwrap();
+            // The worker path was taken where it may be (several workers), not elsewhere.
+            assert_eq!(batch_line.workers > 1, threads > 1 && workers_may_batch, "threads {threads}");
+            // Samples are counted, not batches; a dropped partial batch's samples too.
+            assert_eq!(report.samples, max_samples.unwrap_or(3_000), "threads {threads}");
+            let got = out.0.lock().unwrap().clone();
+            runs.push((report.digest.clone(), got));
+        }
+        let (digest, batches) = &runs[0];
+        // 1,000 = 15 x 64 + 40: the 40 close each epoch (or are dropped).
+        let per_epoch = if drop_last { 15 } else { 16 };
+        if max_samples.is_none() {
+            assert_eq!(batches.len(), 3 * per_epoch);
+        }
+        for (d, b) in &runs[1..] {
+            assert_eq!(d, digest, "drop_last {drop_last}, max_samples {max_samples:?}");
+            assert_eq!(b, batches, "drop_last {drop_last}, max_samples {max_samples:?}");
+        }
+    }
+}

@@ -229,7 +229,20 @@ impl Batcher for BatchBuilder {
     fn flush(&mut self) -> Result<Option<Sample>, StageError> {
         self.assemble()
     }
+
+    fn worker_batch_size(&self) -> Option<usize> {
+        // Larger batches stay on the collector: a chunk of a whole batch per worker in flight
+        // would hold several batches in memory (ImageNet's 4,096 x 224 x 224 views: 5 GB each).
+        (self.cfg.batch_size <= MAX_WORKER_BATCH).then_some(self.cfg.batch_size)
+    }
+
+    fn fork(&self) -> Option<Box<dyn Batcher>> {
+        Some(Box::new(Self { cfg: self.cfg.clone(), pending: Vec::new(), pool: self.pool.clone() }))
+    }
 }
+
+/// Batch sizes up to this are assembled in the workers (see [`Batcher::worker_batch_size`]).
+const MAX_WORKER_BATCH: usize = 1024;
 
 #[cfg(test)]
 mod tests {
