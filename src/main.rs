@@ -11,8 +11,19 @@ mod train_bench;
 pub use render::{graph_text, timestamp};
 
 fn main() {
+    restore_sigpipe();
     tune_malloc();
     std::process::exit(cli::main());
+}
+
+/// Rust ignores SIGPIPE, so `println!` to a closed pipe (`simclr bench ... | head -1`) panics.
+/// Like other Unix tools, end quietly instead: the reader has what it wanted.
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: resets one signal's disposition to the default before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 /// With glibc's defaults every buffer over 128 KB (a decoded image, each view, each view's
