@@ -102,7 +102,7 @@ enum Command {
         #[arg(long)]
         samples: Option<u64>,
         /// Without `--samples`: the least time the measured epochs last.
-        #[arg(long, default_value_t = 2.0)]
+        #[arg(long, default_value_t = 2.0, value_parser = positive_seconds)]
         min_seconds: f64,
         /// Print one JSON object instead of a table.
         #[arg(long)]
@@ -546,6 +546,13 @@ fn print_report(r: &RunReport) {
     }
 }
 
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a positive number of seconds (e.g. `--min-seconds 2`)")),
+    }
+}
+
 /// How much `simclr bench` measures.
 enum BenchLength {
     /// This many samples from a cold start.
@@ -578,7 +585,7 @@ fn bench(
             warm.epochs = Some(1);
             let warm_s = run_plan(plan, &warm, Mode::DataOnly)?.first().map_or(0.0, |(_, r)| r.seconds);
             opts.epochs = Some(match length {
-                BenchLength::AtLeast(min) if warm_s > 0.0 && min.is_finite() && min > 0.0 => {
+                BenchLength::AtLeast(min) if warm_s > 0.0 => {
                     (min / warm_s).ceil().clamp(1.0, 10_000.0) as u32
                 }
                 BenchLength::Epochs(e) => e,

@@ -598,7 +598,12 @@ impl WorkerBatch {
         match self.batcher.flush() {
             Ok(b) => out.extend(b),
             Err(e) => {
-                shared.fail(sample_error(&self.info, u64::MAX, None, e));
+                // As on the collector: a failed partial batch names the stage, not a sample.
+                shared.fail(RunError::Stage {
+                    stage: self.info.id.clone(),
+                    kind: self.info.kind.clone(),
+                    message: e.to_string(),
+                });
                 return None;
             }
         }

@@ -121,17 +121,13 @@ impl Geometry {
     }
 }
 
-fn contiguous_f32(t: &FlexTensor) -> FlexTensor {
-    t.to_contiguous()
-}
-
 fn flex(data: Vec<f32>, dims: [usize; 4]) -> FlexTensor {
     FlexTensor::new(Bytes::from_elems(data), Layout::contiguous(Shape::from(dims.to_vec())), DType::F32)
 }
 
 /// Forward: y[n] = W . col(x[n]).
 fn forward(x: &FlexTensor, w: &FlexTensor, geo: &Geometry) -> FlexTensor {
-    let (x, w) = (contiguous_f32(x), contiguous_f32(w));
+    let (x, w) = (x.to_contiguous(), w.to_contiguous());
     let (xd, wd): (&[f32], &[f32]) = (x.storage(), w.storage());
     let g = *geo;
     let (k, pos, group) = (g.k(), g.positions(), g.group());
@@ -182,7 +178,7 @@ fn gather_dy<'a>(dy: &'a [f32], g: &Geometry, n0: usize, images: usize, buf: &'a
 
 /// Weight gradient: dW = sum over image groups of dY_g . col(x_g)^T, summed in group order.
 fn weight_grad(x: &FlexTensor, dy: &FlexTensor, geo: &Geometry) -> FlexTensor {
-    let (x, dy) = (contiguous_f32(x), contiguous_f32(dy));
+    let (x, dy) = (x.to_contiguous(), dy.to_contiguous());
     let (xd, dyd): (&[f32], &[f32]) = (x.storage(), dy.storage());
     let g = *geo;
     let (k, pos, group) = (g.k(), g.positions(), g.group());
@@ -226,7 +222,7 @@ fn weight_grad(x: &FlexTensor, dy: &FlexTensor, geo: &Geometry) -> FlexTensor {
 /// (padding k - 1 - p), which runs at the forward pass's speed. Other strides:
 /// col(dX_g) = W^T . dY_g, scattered back by col2im.
 fn input_grad(w: &FlexTensor, dy: &FlexTensor, geo: &Geometry) -> FlexTensor {
-    let (w, dy) = (contiguous_f32(w), contiguous_f32(dy));
+    let (w, dy) = (w.to_contiguous(), dy.to_contiguous());
     let (wd, dyd): (&[f32], &[f32]) = (w.storage(), dy.storage());
     let g = *geo;
     if g.s == 1 && g.kh == g.kw && g.p < g.kh && g.h == g.ho && g.w == g.wo {
@@ -548,56 +544,5 @@ mod tests {
             })
         };
         assert_eq!(run(1), run(3));
-    }
-}
-
-#[cfg(test)]
-mod bench {
-    use super::*;
-    use std::time::Instant;
-
-    /// Timing per ResNet-18 CIFAR layer shape, 256 views:
-    /// `cargo test --release -p simclr-train --lib conv::bench -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn layer_timings() {
-        let shapes = [
-            (64, 32, 64, 1),
-            (64, 32, 128, 2),
-            (128, 16, 128, 1),
-            (128, 16, 256, 2),
-            (256, 8, 256, 1),
-            (256, 8, 512, 2),
-            (512, 4, 512, 1),
-        ];
-        let n = 256;
-        let mut total = [0f64; 3];
-        for (ci, hw, co, s) in shapes {
-            let xs = [n, ci, hw, hw];
-            let x = flex((0..xs.iter().product::<usize>()).map(|i| (i % 7) as f32 - 3.0).collect(), xs);
-            let w = flex(vec![0.01; co * ci * 9], [co, ci, 3, 3]);
-            let geo = Geometry::new(xs, [co, ci, 3, 3], s, 1);
-            let dy = flex(vec![0.5; n * co * geo.positions()], [n, co, geo.ho, geo.wo]);
-            let flops = 2.0 * (n * co * geo.k() * geo.positions()) as f64;
-            let time = |f: &dyn Fn()| {
-                f();
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64()
-            };
-            let t = [
-                time(&|| drop(forward(&x, &w, &geo))),
-                time(&|| drop(input_grad(&w, &dy, &geo))),
-                time(&|| drop(weight_grad(&x, &dy, &geo))),
-            ];
-            for i in 0..3 {
-                total[i] += t[i];
-            }
-            println!(
-                "ci {ci:3} {hw:2}x{hw:2} co {co:3} s {s}: fwd {:.3}s ({:.0} GF/s) dx {:.3}s ({:.0}) dw {:.3}s ({:.0})",
-                t[0], flops / t[0] / 1e9, t[1], flops / t[1] / 1e9, t[2], flops / t[2] / 1e9
-            );
-        }
-        println!("total fwd {:.3} dx {:.3} dw {:.3}", total[0], total[1], total[2]);
     }
 }

@@ -11,7 +11,7 @@
 
 pub mod checkpoint;
 pub mod config;
-mod conv;
+pub mod conv;
 pub mod eval;
 pub mod export;
 pub mod loss;

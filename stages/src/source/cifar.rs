@@ -233,13 +233,7 @@ mod tests {
         std::fs::write(dir.path().join("test_batch.bin"), &bytes).unwrap();
         let cfg: Cifar10 =
             serde_json::from_value(serde_json::json!({"path": dir.path(), "split": "test"})).unwrap();
-        let cx = Context {
-            base_dir: PathBuf::new(),
-            seed: 0,
-            stage_id: "data".into(),
-            run_dir: None,
-            ..Context::default()
-        };
+        let cx = Context { stage_id: "data".into(), ..Context::default() };
         let Stage::Source(src) = StageConfig::build(&cfg, &cx).unwrap() else { panic!("not a source") };
         assert_eq!(src.len(), 2);
         let ctx = SampleCtx { seed: 0, stage_key: 0, epoch: 0, index: 1 };
@@ -259,13 +253,7 @@ mod tests {
         let path = dir.path().join("data_batch_1.bin");
         std::fs::write(&path, &bytes).unwrap();
         let cfg: Cifar10 = serde_json::from_value(serde_json::json!({"path": dir.path()})).unwrap();
-        let cx = Context {
-            base_dir: PathBuf::new(),
-            seed: 0,
-            stage_id: "data".into(),
-            run_dir: None,
-            ..Context::default()
-        };
+        let cx = Context { stage_id: "data".into(), ..Context::default() };
         let Stage::Source(src) = StageConfig::build(&cfg, &cx).unwrap() else { panic!("not a source") };
         assert_eq!(src.len(), 2);
         let ctx = SampleCtx { seed: 0, stage_key: 0, epoch: 0, index: 0 };
@@ -282,13 +270,7 @@ mod tests {
         let mut r = vec![4u8, 77];
         r.extend(vec![0u8; 3 * PIXELS]);
         std::fs::write(dir.path().join("train.bin"), &r).unwrap();
-        let cx = Context {
-            base_dir: PathBuf::new(),
-            seed: 0,
-            stage_id: "data".into(),
-            run_dir: None,
-            ..Context::default()
-        };
+        let cx = Context { stage_id: "data".into(), ..Context::default() };
         let ctx = SampleCtx { seed: 0, stage_key: 0, epoch: 0, index: 0 };
         for (label, want) in [("fine", 77), ("coarse", 4)] {
             let cfg: Cifar100 =

@@ -185,13 +185,7 @@ mod tests {
         std::fs::write(dir.path().join("train_y.bin"), [1u8, 10]).unwrap();
         let cfg: Stl10 =
             serde_json::from_value(serde_json::json!({"path": dir.path(), "split": "train"})).unwrap();
-        let cx = Context {
-            base_dir: PathBuf::new(),
-            seed: 0,
-            stage_id: "data".into(),
-            run_dir: None,
-            ..Context::default()
-        };
+        let cx = Context { stage_id: "data".into(), ..Context::default() };
         let Stage::Source(src) = StageConfig::build(&cfg, &cx).unwrap() else { panic!("not a source") };
         assert_eq!(src.len(), 2);
         let ctx = SampleCtx { seed: 0, stage_key: 0, epoch: 0, index: 1 };

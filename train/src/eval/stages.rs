@@ -149,6 +149,14 @@ fn temperature() -> f64 {
     0.1
 }
 
+/// What an evaluation task reads: its encoders and its two data sources.
+fn eval_refs(encoders: &[String], train_data: &str, test_data: &str) -> Vec<StageRef> {
+    let mut r: Vec<StageRef> = encoders.iter().map(|e| encoder_ref("encoders", e)).collect();
+    r.push(data_ref("train_data", train_data));
+    r.push(data_ref("test_data", test_data));
+    r
+}
+
 fn check_knn(k: usize, t: f64, out: &mut Vec<Problem>) {
     if k == 0 {
         out.push(Problem::new("k", "`k` must be at least 1", "e.g. `k: 200`"));
@@ -166,10 +174,7 @@ impl StageConfig for LinearEval {
         (PortType::Nothing, PortType::Nothing)
     }
     fn refs(&self) -> Vec<StageRef> {
-        let mut r: Vec<StageRef> = self.encoders.iter().map(|e| encoder_ref("encoders", e)).collect();
-        r.push(data_ref("train_data", &self.train_data));
-        r.push(data_ref("test_data", &self.test_data));
-        r
+        eval_refs(&self.encoders, &self.train_data, &self.test_data)
     }
     fn check(&self, _cx: &Context, out: &mut Vec<Problem>) {
         if self.encoders.is_empty() {
@@ -221,10 +226,7 @@ impl StageConfig for KnnEval {
         (PortType::Nothing, PortType::Nothing)
     }
     fn refs(&self) -> Vec<StageRef> {
-        let mut r: Vec<StageRef> = self.encoders.iter().map(|e| encoder_ref("encoders", e)).collect();
-        r.push(data_ref("train_data", &self.train_data));
-        r.push(data_ref("test_data", &self.test_data));
-        r
+        eval_refs(&self.encoders, &self.train_data, &self.test_data)
     }
     fn check(&self, _cx: &Context, out: &mut Vec<Problem>) {
         if self.encoders.is_empty() {
