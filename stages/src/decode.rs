@@ -90,7 +90,7 @@ fn too_many_pixels(w: u64, h: u64, max_pixels: u64) -> Option<String> {
 /// JPEG straight through zune-jpeg (the decoder `image` wraps, with the options `image` sets),
 /// for the common YCbCr and RGB files: their headers are parsed once and the bytes are not
 /// copied, where `image` parses them for the size check and again for decoding, copying the
-/// file each time. The pixels are the same. `None`: another colour space (grayscale, CMYK),
+/// file each time, and through our inlined slice reader (`jpeg_reader`). The pixels are the same. `None`: another colour space (grayscale, CMYK),
 /// left to `image` for its conversions.
 fn decode_jpeg_rgb(bytes: &[u8], max_pixels: u64) -> Result<Option<Image>, String> {
     use zune_core::colorspace::ColorSpace;
@@ -100,7 +100,7 @@ fn decode_jpeg_rgb(bytes: &[u8], max_pixels: u64) -> Result<Option<Image>, Strin
         .set_max_height(usize::MAX)
         .jpeg_set_out_colorspace(ColorSpace::RGB);
     let mut decoder =
-        zune_jpeg::JpegDecoder::new_with_options(zune_core::bytestream::ZCursor::new(bytes), options);
+        zune_jpeg::JpegDecoder::new_with_options(crate::jpeg_reader::SliceReader::new(bytes), options);
     decoder.decode_headers().map_err(|e| format!("cannot read the header: {e}"))?;
     if !matches!(decoder.input_colorspace(), Some(ColorSpace::YCbCr | ColorSpace::RGB)) {
         return Ok(None);

@@ -3,6 +3,7 @@
 pub mod augment;
 pub mod basic;
 pub mod decode;
+mod jpeg_reader;
 pub mod report;
 pub mod source;
 pub mod tensor;
