@@ -27,7 +27,7 @@ use rand::seq::SliceRandom;
 use crate::error::{RunError, StageError};
 use crate::rng::{stage_key, StreamKey};
 use crate::sample::Sample;
-use crate::stage::{Batcher, MapStage, OnError, SampleCtx, Sink, Source, SourceOptions};
+use crate::stage::{Batcher, MapStage, OnError, SampleCtx, Sink, Source, SourceOptions, TensorWriter};
 
 /// Identity of a stage in metrics and errors.
 #[derive(Clone, Debug)]
@@ -288,13 +288,19 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
     let total_workers: usize = seg_workers.iter().sum();
     // Batching in the workers (see `Batcher::worker_batch_size`) when there are several: one
     // collector copying every view into its batch becomes the serial part that stops the
-    // workers from scaling (CIFAR, 2 workers: 1.79x -> 1.9x). One worker leaves it to the
-    // collector, which otherwise idles beside it. Only with automatic chunks, and only where
+    // workers from scaling (CIFAR, 2 workers: 1.79x -> 1.9x). With one worker too when the
+    // stage before `batch` writes its tensors straight into the batch (`to_tensor`): then
+    // there is no copy left to hand off, and the worker does all the work. Otherwise one
+    // worker leaves the copy to the collector. Only with automatic chunks, and only where
     // no sample can be skipped (a skip would shorten that chunk's batch, where the collector
     // fills it from the next samples). The batches are the same either way.
     let last_workers = seg_workers.last().copied().unwrap_or(1);
+    let fusable = segments
+        .last()
+        .and_then(|s| s.last())
+        .is_some_and(|o| matches!(&o.op, Op::Map(m) if m.as_tensor_writer().is_some()));
     let mut forks: Option<(usize, Vec<Box<dyn Batcher>>)> = match (&batch, opts.chunk, src_opts.on_error) {
-        (Some((_, b)), None, OnError::Fail) if last_workers >= 2 => b
+        (Some((_, b)), None, OnError::Fail) if last_workers >= 2 || fusable => b
             .worker_batch_size()
             .and_then(|n| (0..last_workers).map(|_| b.fork()).collect::<Option<Vec<_>>>().map(|f| (n, f))),
         _ => None,
@@ -397,6 +403,7 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
                     info: binfo.clone(),
                     batcher: b,
                     counters: batch_counters.clone(),
+                    out: Vec::new(),
                 }),
                 _ => None,
             };
@@ -577,26 +584,59 @@ struct WorkerBatch {
     info: StageInfo,
     batcher: Box<dyn Batcher>,
     counters: Arc<Counters>,
+    /// The batches finished so far in this chunk (a chunk is one batch's worth of samples).
+    out: Vec<Sample>,
+}
+
+/// The fused stage's writer, noting whether an error came from it or from the batcher.
+struct Tracked<'a> {
+    inner: &'a dyn TensorWriter,
+    failed: AtomicBool,
+}
+
+impl TensorWriter for Tracked<'_> {
+    fn shapes(&self, sample: &Sample) -> Result<Vec<Vec<usize>>, StageError> {
+        self.inner.shapes(sample).inspect_err(|_| self.failed.store(true, Ordering::Relaxed))
+    }
+    fn append(&self, sample: &Sample, view: usize, dst: &mut Vec<f32>) -> Result<(), StageError> {
+        self.inner.append(sample, view, dst).inspect_err(|_| self.failed.store(true, Ordering::Relaxed))
+    }
 }
 
 impl WorkerBatch {
-    /// The chunk's samples as (at most) one batch: a chunk is one batch's worth of samples.
-    fn assemble(&mut self, items: Vec<Sample>, shared: &Shared) -> Option<Vec<Sample>> {
-        let t = Instant::now();
-        let n = items.len() as u64;
-        let mut out = Vec::with_capacity(1);
-        for sample in items {
-            let (index, name) = (sample.index, sample.name.clone());
-            match self.batcher.push(sample) {
-                Ok(b) => out.extend(b),
-                Err(e) => {
-                    shared.fail(sample_error(&self.info, index, name.as_deref(), e));
-                    return None;
+    /// Adds one sample, converted by `fused` (the stage before `batch`) on the way if given.
+    /// False once the run has failed.
+    fn push(&mut self, sample: Sample, fused: Option<&OpInfo>, shared: &Shared) -> bool {
+        let (index, name) = (sample.index, sample.name.clone());
+        let result = match fused.map(|o| (o, &o.op)) {
+            Some((o, Op::Map(m))) => match m.as_tensor_writer() {
+                Some(w) => {
+                    let w = Tracked { inner: w, failed: AtomicBool::new(false) };
+                    self.batcher
+                        .push_via(sample, &w)
+                        .map_err(|e| (e, w.failed.load(Ordering::Relaxed).then_some(o)))
                 }
+                None => self.batcher.push(sample).map_err(|e| (e, None)),
+            },
+            _ => self.batcher.push(sample).map_err(|e| (e, None)),
+        };
+        match result {
+            Ok(b) => {
+                self.out.extend(b);
+                true
+            }
+            Err((e, from)) => {
+                let info = from.map_or(&self.info, |o| &o.info);
+                shared.fail(sample_error(info, index, name.as_deref(), e));
+                false
             }
         }
+    }
+
+    /// The chunk's batches, with the last partial one if it is kept.
+    fn finish(&mut self, shared: &Shared) -> Option<Vec<Sample>> {
         match self.batcher.flush() {
-            Ok(b) => out.extend(b),
+            Ok(b) => self.out.extend(b),
             Err(e) => {
                 // As on the collector: a failed partial batch names the stage, not a sample.
                 shared.fail(RunError::Stage {
@@ -607,9 +647,7 @@ impl WorkerBatch {
                 return None;
             }
         }
-        self.counters.busy_ns.fetch_add(nanos(t.elapsed()), Ordering::Relaxed);
-        self.counters.items.fetch_add(n, Ordering::Relaxed);
-        Some(out)
+        Some(std::mem::take(&mut self.out))
     }
 }
 
@@ -622,6 +660,12 @@ fn worker(
     on_error: OnError,
     mut batcher: Option<WorkerBatch>,
 ) {
+    // The last stage, when it can write its tensors straight into the batch, is not applied
+    // but handed to the batcher with each sample (see `MapStage::as_tensor_writer`).
+    let fused = seg
+        .last()
+        .filter(|o| batcher.is_some() && matches!(&o.op, Op::Map(m) if m.as_tensor_writer().is_some()));
+    let applied = seg.len() - usize::from(fused.is_some());
     loop {
         let t = Instant::now();
         let Ok(mut chunk) = rx.recv() else { return };
@@ -631,11 +675,12 @@ fn worker(
         }
         let mut keep = Vec::with_capacity(chunk.items.len());
         let mut busy = vec![0u64; seg.len()];
+        let (mut batch_ns, mut batched) = (0u64, 0u64);
         'samples: for mut sample in std::mem::take(&mut chunk.items) {
             if shared.stopped() {
                 return;
             }
-            for (k, o) in seg.iter().enumerate() {
+            for (k, o) in seg[..applied].iter().enumerate() {
                 let cx = SampleCtx { seed, stage_key: o.key, epoch: sample.epoch, index: sample.index };
                 let t = Instant::now();
                 let result = match &o.op {
@@ -665,21 +710,38 @@ fn worker(
                 }
                 o.counters.items.fetch_add(1, Ordering::Relaxed);
             }
-            keep.push(sample);
+            // Into the batch at once, while the sample's tensors are still in cache; a fused
+            // stage's time and count are its own.
+            let Some(b) = batcher.as_mut() else {
+                keep.push(sample);
+                continue;
+            };
+            let t = Instant::now();
+            if !b.push(sample, fused, shared) {
+                return;
+            }
+            match fused {
+                Some(o) => {
+                    busy[applied] += nanos(t.elapsed());
+                    o.counters.items.fetch_add(1, Ordering::Relaxed);
+                }
+                None => batch_ns += nanos(t.elapsed()),
+            }
+            batched += 1;
         }
         for (o, b) in seg.iter().zip(busy) {
             o.counters.busy_ns.fetch_add(b, Ordering::Relaxed);
         }
-        chunk.items = match batcher.as_mut() {
-            Some(b) => {
-                chunk.batched = Some(keep.len() as u64);
-                match b.assemble(keep, shared) {
-                    Some(batches) => batches,
-                    None => return,
-                }
-            }
-            None => keep,
-        };
+        if let Some(b) = batcher.as_mut() {
+            let t = Instant::now();
+            let Some(batches) = b.finish(shared) else { return };
+            b.counters.busy_ns.fetch_add(batch_ns + nanos(t.elapsed()), Ordering::Relaxed);
+            b.counters.items.fetch_add(batched, Ordering::Relaxed);
+            chunk.batched = Some(batched);
+            chunk.items = batches;
+        } else {
+            chunk.items = keep;
+        }
         let t = Instant::now();
         if tx.send(chunk).is_err() {
             return;

@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::StageError;
 use crate::rng::{StageRng, StreamKey};
-use crate::sample::Sample;
+use crate::sample::{Payload, Sample, Tensor};
 use crate::yaml::PathSeg;
 
 /// The type of data on an edge; the validator checks that connected ports agree.
@@ -135,6 +135,21 @@ pub trait Source: Send + Sync {
 /// Transforms one sample; a pure function of (sample, `ctx`'s random streams).
 pub trait MapStage: Send + Sync {
     fn apply(&self, sample: &mut Sample, ctx: &SampleCtx) -> Result<(), StageError>;
+    /// A stage whose `apply` turns the views into f32 tensors (`to_tensor`) can also write them
+    /// straight into a batch: right before `batch`, the runtime then hands it to the batcher
+    /// instead of calling `apply`, which saves a tensor's worth of writes and reads per view.
+    fn as_tensor_writer(&self) -> Option<&dyn TensorWriter> {
+        None
+    }
+}
+
+/// Writes a sample's tensors where the caller wants them (see [`MapStage::as_tensor_writer`]).
+/// The values must be the bits `apply` would put in `Payload::Tensors`.
+pub trait TensorWriter: Send + Sync {
+    /// The shapes of the tensors the sample becomes, one per view.
+    fn shapes(&self, sample: &Sample) -> Result<Vec<Vec<usize>>, StageError>;
+    /// Appends tensor `view` of the sample (as many values as its shape holds) to `dst`.
+    fn append(&self, sample: &Sample, view: usize, dst: &mut Vec<f32>) -> Result<(), StageError>;
 }
 
 /// Consumes the stream in dataset order.
@@ -180,6 +195,26 @@ pub trait Batcher: Send {
     /// A batcher for one worker (sharing buffers with this one).
     fn fork(&self) -> Option<Box<dyn Batcher>> {
         None
+    }
+    /// Takes a sample whose tensors `writer` still has to make (the stage before `batch`,
+    /// fused into it): the same batches as `push` after that stage's `apply`. This default
+    /// makes the tensors and pushes them; a batcher can write them into the batch instead.
+    fn push_via(
+        &mut self,
+        mut sample: Sample,
+        writer: &dyn TensorWriter,
+    ) -> Result<Option<Sample>, StageError> {
+        let tensors = writer
+            .shapes(&sample)?
+            .into_iter()
+            .enumerate()
+            .map(|(view, shape)| {
+                let mut data = Vec::new();
+                writer.append(&sample, view, &mut data).map(|()| Tensor { shape, data })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        sample.payload = Payload::Tensors(tensors);
+        self.push(sample)
     }
 }
 

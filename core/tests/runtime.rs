@@ -318,3 +318,158 @@ fn batches_made_in_the_workers_equal_the_collectors() {
         }
     }
 }
+
+/// A `to_tensor` stand-in: index and label as a 2-value tensor, by `apply` or written straight
+/// into the batch (when `writer`); counts which way each sample went, and can fail on one.
+struct Tens {
+    writer: bool,
+    fail_on: Option<u64>,
+    applied: std::sync::atomic::AtomicUsize,
+    written: std::sync::atomic::AtomicUsize,
+}
+
+impl Tens {
+    fn new(writer: bool, fail_on: Option<u64>) -> Self {
+        Self { writer, fail_on, applied: Default::default(), written: Default::default() }
+    }
+    fn values(&self, s: &Sample) -> Result<Vec<f32>, StageError> {
+        if self.fail_on == Some(s.index) {
+            return Err(StageError::fatal("cannot make this tensor"));
+        }
+        Ok(vec![s.index as f32, s.label.unwrap_or(0) as f32])
+    }
+}
+
+impl MapStage for Tens {
+    fn apply(&self, sample: &mut Sample, _ctx: &SampleCtx) -> Result<(), StageError> {
+        self.applied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let data = self.values(sample)?;
+        sample.payload = simclr_core::Payload::Tensors(vec![simclr_core::Tensor { shape: vec![2], data }]);
+        Ok(())
+    }
+    fn as_tensor_writer(&self) -> Option<&dyn simclr_core::TensorWriter> {
+        self.writer.then_some(self as &dyn simclr_core::TensorWriter)
+    }
+}
+
+impl simclr_core::TensorWriter for Tens {
+    fn shapes(&self, _sample: &Sample) -> Result<Vec<Vec<usize>>, StageError> {
+        Ok(vec![vec![2]])
+    }
+    fn append(&self, sample: &Sample, _view: usize, dst: &mut Vec<f32>) -> Result<(), StageError> {
+        self.written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        dst.extend(self.values(sample)?);
+        Ok(())
+    }
+}
+
+/// Batches of the samples' tensors, concatenated (through the trait's default `push_via`).
+struct Stack {
+    size: usize,
+    pending: Vec<Sample>,
+}
+
+impl simclr_core::Batcher for Stack {
+    fn push(&mut self, sample: Sample) -> Result<Option<Sample>, StageError> {
+        let mut out = None;
+        if self.pending.first().is_some_and(|p| p.epoch != sample.epoch) {
+            out = self.flush()?;
+        }
+        self.pending.push(sample);
+        if self.pending.len() >= self.size && out.is_none() {
+            out = self.flush()?;
+        }
+        Ok(out)
+    }
+    fn flush(&mut self) -> Result<Option<Sample>, StageError> {
+        let samples = std::mem::take(&mut self.pending);
+        let Some(first) = samples.first() else { return Ok(None) };
+        let (index, epoch) = (first.index, first.epoch);
+        let mut data = Vec::new();
+        for s in &samples {
+            let simclr_core::Payload::Tensors(ts) = &s.payload else {
+                return Err(StageError::fatal("needs tensors"));
+            };
+            data.extend(ts.iter().flat_map(|t| t.data.iter().copied()));
+        }
+        let batch = simclr_core::Batch {
+            views: vec![simclr_core::Tensor { shape: vec![samples.len(), 2], data }],
+            indices: samples.iter().map(|s| s.index).collect(),
+            labels: samples.iter().map(|s| s.label).collect(),
+            pool: None,
+        };
+        Ok(Some(Sample { index, epoch, payload: simclr_core::Payload::Batch(batch), ..Sample::default() }))
+    }
+    fn worker_batch_size(&self) -> Option<usize> {
+        Some(self.size)
+    }
+    fn fork(&self) -> Option<Box<dyn simclr_core::Batcher>> {
+        Some(Box::new(Stack { size: self.size, pending: Vec::new() }))
+    }
+}
+
+/// Every batch's tensor values, in order.
+#[derive(Clone, Default)]
+struct CollectValues(Arc<Mutex<Vec<Vec<f32>>>>);
+
+impl Sink for CollectValues {
+    fn consume(&mut self, s: Sample) -> Result<(), StageError> {
+        if let (simclr_core::Payload::Batch(b), Ok(mut v)) = (&s.payload, self.0.lock()) {
+            v.push(b.views.iter().flat_map(|t| t.data.iter().copied()).collect());
+        }
+        Ok(())
+    }
+}
+
+fn tensor_chain(tens: Arc<Tens>, sink: Box<dyn Sink>) -> ChainStages {
+    let shuffled = SourceOptions { shuffle: true, ..SourceOptions::default() };
+    let mut c = chain(500, shuffled, vec![Arc::new(Noise), tens], sink);
+    c.batch = Some((info("batch"), Box::new(Stack { size: 32, pending: Vec::new() })));
+    c
+}
+
+/// A stage that can write its tensors straight into the batch is handed to the batcher in the
+/// workers (with one worker too) instead of being applied: the batches are the bits `apply`
+/// and the collector give, at every thread count; with manual chunks the collector batches
+/// and the stage is applied as usual.
+#[test]
+fn a_tensor_writer_fused_into_the_batch_gives_the_same_batches() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut runs = Vec::new();
+    for (threads, writer, chunk) in
+        [(1, false, None), (1, true, None), (2, true, None), (3, true, None), (2, true, Some(7))]
+    {
+        let out = CollectValues::default();
+        let tens = Arc::new(Tens::new(writer, None));
+        let opts =
+            RunOptions { seed: 5, threads, chunk, digest: true, epochs: Some(2), ..RunOptions::default() };
+        let report = run_chain(tensor_chain(tens.clone(), Box::new(out.clone())), &opts).unwrap();
+        assert_eq!(report.samples, 1_000);
+        let fused = writer && chunk.is_none();
+        assert_eq!(tens.written.load(Relaxed), if fused { 1_000 } else { 0 }, "threads {threads}, {chunk:?}");
+        assert_eq!(tens.applied.load(Relaxed), if fused { 0 } else { 1_000 }, "threads {threads}, {chunk:?}");
+        let m1 = report.stages.iter().find(|s| s.id == "m1").unwrap();
+        assert_eq!(m1.items, 1_000, "the fused stage still counts its samples");
+        let values = out.0.lock().unwrap().clone();
+        assert_eq!(values.len(), 2 * 16, "500 = 15 x 32 + 20, per epoch");
+        runs.push((report.digest.clone(), values));
+    }
+    for (digest, values) in &runs[1..] {
+        assert_eq!(digest, &runs[0].0);
+        assert_eq!(values, &runs[0].1);
+    }
+}
+
+/// An error from the fused stage names that stage and the sample, not `batch`.
+#[test]
+fn a_fused_stage_error_names_the_stage() {
+    for threads in [1, 2] {
+        let tens = Arc::new(Tens::new(true, Some(123)));
+        let opts = RunOptions { seed: 5, threads, ..RunOptions::default() };
+        let err = run_chain(tensor_chain(tens, Box::new(CollectValues::default())), &opts).unwrap_err();
+        match err {
+            RunError::Sample { stage, sample, .. } => assert_eq!((stage.as_str(), sample), ("m1", 123)),
+            other => panic!("expected the stage's error, got {other}"),
+        }
+    }
+}

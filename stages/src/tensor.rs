@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use simclr_core::{
     Batch, Batcher, BufferPool, Context, Image, MapStage, Payload, PortType, Problem, Role, Sample,
-    SampleCtx, Stage, StageConfig, StageError, Tensor,
+    SampleCtx, Stage, StageConfig, StageError, Tensor, TensorWriter,
 };
 
 /// `to_tensor`: RGB8 views to f32 3 x H x W in [0, 1], optionally normalized.
@@ -82,23 +82,28 @@ multiversion! {
 
 /// Writes the planes straight into the tensor's buffer, without zero-filling it first.
 fn image_to_chw_with(img: &Image, f: &Affine) -> Tensor {
+    let mut data = Vec::new();
+    append_chw(img, f, &mut data);
+    Tensor { shape: vec![3, img.height as usize, img.width as usize], data }
+}
+
+/// Appends the image's three planes to `dst` (the batch, when `to_tensor` is fused into it).
+fn append_chw(img: &Image, f: &Affine, dst: &mut Vec<f32>) {
     let n = img.pixels();
-    let shape = vec![3, img.height as usize, img.width as usize];
     let Some(src) = img.data.get(..3 * n) else {
         // A buffer shorter than its size says (only a hand-made `Image`): the missing values are 0.
         let mut src = img.data.clone();
         src.resize(3 * n, 0);
-        return image_to_chw_with(&Image { data: src, ..*img }, f);
+        return append_chw(&Image { data: src, ..*img }, f, dst);
     };
-    let mut data: Vec<f32> = Vec::with_capacity(3 * n);
-    let spare = &mut data.spare_capacity_mut()[..3 * n];
+    dst.reserve(3 * n);
+    let spare = &mut dst.spare_capacity_mut()[..3 * n];
     let (r, rest) = spare.split_at_mut(n);
     let (g, b) = rest.split_at_mut(n);
     deinterleave(src, r, g, b, f.scale, f.shift);
-    // SAFETY: `deinterleave` wrote all 3n values: `src` holds exactly n pixels and each of
-    // the planes n slots.
-    unsafe { data.set_len(3 * n) };
-    Tensor { shape, data }
+    // SAFETY: `deinterleave` wrote all 3n values after the current end: `src` holds exactly n
+    // pixels and each of the planes n slots.
+    unsafe { dst.set_len(dst.len() + 3 * n) };
 }
 
 /// The built `to_tensor` stage.
@@ -106,13 +111,34 @@ struct ToTensorStage {
     affine: Affine,
 }
 
+fn needs_views() -> StageError {
+    StageError::fatal("`to_tensor` needs image views")
+}
+
 impl MapStage for ToTensorStage {
     fn apply(&self, sample: &mut Sample, _ctx: &SampleCtx) -> Result<(), StageError> {
-        let Payload::Views(views) = &sample.payload else {
-            return Err(StageError::fatal("`to_tensor` needs image views"));
-        };
+        let Payload::Views(views) = &sample.payload else { return Err(needs_views()) };
         let tensors = views.iter().map(|v| image_to_chw_with(v, &self.affine)).collect();
         sample.payload = Payload::Tensors(tensors);
+        Ok(())
+    }
+
+    fn as_tensor_writer(&self) -> Option<&dyn TensorWriter> {
+        Some(self)
+    }
+}
+
+impl TensorWriter for ToTensorStage {
+    fn shapes(&self, sample: &Sample) -> Result<Vec<Vec<usize>>, StageError> {
+        let Payload::Views(views) = &sample.payload else { return Err(needs_views()) };
+        Ok(views.iter().map(|v| vec![3, v.height as usize, v.width as usize]).collect())
+    }
+
+    fn append(&self, sample: &Sample, view: usize, dst: &mut Vec<f32>) -> Result<(), StageError> {
+        let Payload::Views(views) = &sample.payload else { return Err(needs_views()) };
+        let img =
+            views.get(view).ok_or_else(|| StageError::fatal(format!("the sample has no view {view}")))?;
+        append_chw(img, &self.affine, dst);
         Ok(())
     }
 }
@@ -150,84 +176,167 @@ impl StageConfig for BatchConfig {
 
 /// Collects samples until a batch is full (or the epoch changes).
 ///
-/// Batch buffers come from a pool that dropped batches return to, so in steady state (the sink
-/// drops each batch before the next is made) no batch memory is allocated or faulted in.
+/// Each sample's views are copied into the batch as it arrives, and its tensors are dropped at
+/// once: the copy reads them while they are still in cache, and the allocator hands the same
+/// block to the next sample's `to_tensor` (holding a whole batch of samples first, as this did,
+/// made every copy a read from memory). Batch buffers come from a pool that dropped batches
+/// return to, so in steady state (the sink drops each batch before the next is made) no batch
+/// memory is allocated or faulted in.
 pub struct BatchBuilder {
     cfg: BatchConfig,
-    pending: Vec<Sample>,
+    building: Option<Building>,
     pool: BufferPool,
+}
+
+/// The batch being filled.
+struct Building {
+    epoch: u32,
+    first_index: u64,
+    /// One buffer per view, with room for `batch_size` samples; `shapes` are the per-sample ones.
+    views: Vec<Vec<f32>>,
+    shapes: Vec<Vec<usize>>,
+    indices: Vec<u64>,
+    labels: Vec<Option<u32>>,
+}
+
+fn needs_tensors() -> StageError {
+    StageError::fatal("`batch` needs tensors; put `to_tensor` before it")
 }
 
 impl BatchBuilder {
     pub fn new(batch_size: usize, drop_last: bool) -> Self {
-        Self { cfg: BatchConfig { batch_size, drop_last }, pending: Vec::new(), pool: BufferPool::default() }
+        Self { cfg: BatchConfig { batch_size, drop_last }, building: None, pool: BufferPool::default() }
     }
 
-    fn assemble(&mut self) -> Result<Option<Sample>, StageError> {
-        let samples = std::mem::take(&mut self.pending);
-        let Some(first) = samples.first() else { return Ok(None) };
-        if samples.len() < self.cfg.batch_size && self.cfg.drop_last {
-            return Ok(None);
+    /// Copies the sample's views into the batch being filled (starting one if none is).
+    fn add(&mut self, s: Sample) -> Result<(), StageError> {
+        let Payload::Tensors(ts) = &s.payload else { return Err(needs_tensors()) };
+        let shapes: Vec<Vec<usize>> = ts.iter().map(|t| t.shape.clone()).collect();
+        self.add_with(&s, &shapes, |view, dst| {
+            if let Some(t) = ts.get(view) {
+                dst.extend_from_slice(&t.data);
+            }
+            Ok(())
+        })
+    }
+
+    /// Appends one sample whose views have `shapes`, each written by `write(view, buffer)`.
+    fn add_with(
+        &mut self,
+        s: &Sample,
+        shapes: &[Vec<usize>],
+        mut write: impl FnMut(usize, &mut Vec<f32>) -> Result<(), StageError>,
+    ) -> Result<(), StageError> {
+        let b = match &mut self.building {
+            Some(b) => b,
+            None => {
+                // Room for the whole batch up front (address space only until written); an
+                // absurd `batch_size` reserves less and the buffers grow.
+                let room = self.cfg.batch_size.min(1 << 16);
+                self.building.insert(Building {
+                    epoch: s.epoch,
+                    first_index: s.index,
+                    views: shapes
+                        .iter()
+                        .map(|shape| self.pool.take(room.saturating_mul(shape.iter().product())))
+                        .collect(),
+                    shapes: shapes.to_vec(),
+                    indices: Vec::with_capacity(room),
+                    labels: Vec::with_capacity(room),
+                })
+            }
+        };
+        if shapes != b.shapes.as_slice() {
+            return Err(StageError::fatal(format!(
+                "sample {} has views of another shape than the batch's first; crop/resize all views to one size",
+                s.index
+            )));
         }
-        let Payload::Tensors(proto) = &first.payload else {
-            return Err(StageError::fatal("`batch` needs tensors; put `to_tensor` before it"));
-        };
-        let n = samples.len();
-        let mut views: Vec<Tensor> = proto
-            .iter()
-            .map(|t| {
-                let mut shape = vec![n];
-                shape.extend(&t.shape);
-                Tensor { shape, data: self.pool.take(n * t.data.len()) }
-            })
-            .collect();
-        let (epoch, index) = (first.epoch, first.index);
-        let mut batch = Batch {
-            views: Vec::new(),
-            indices: Vec::with_capacity(n),
-            labels: Vec::with_capacity(n),
-            pool: Some(self.pool.clone()),
-        };
-        for s in samples {
-            let Payload::Tensors(ts) = s.payload else {
-                return Err(StageError::fatal("`batch` needs tensors; put `to_tensor` before it"));
-            };
-            if ts.len() != views.len() || ts.iter().zip(&views).any(|(t, v)| t.shape[..] != v.shape[1..]) {
+        for (view, (dst, shape)) in b.views.iter_mut().zip(shapes).enumerate() {
+            let before = dst.len();
+            write(view, dst)?;
+            let expected: usize = shape.iter().product();
+            if dst.len() - before != expected {
                 return Err(StageError::fatal(format!(
-                    "sample {} has views of another shape than the batch's first; crop/resize all views to one size",
-                    s.index
+                    "sample {}: view {view} gave {} values for shape {shape:?} ({expected})",
+                    s.index,
+                    dst.len() - before
                 )));
             }
-            for (v, t) in views.iter_mut().zip(ts) {
-                v.data.extend_from_slice(&t.data);
-            }
-            batch.indices.push(s.index);
-            batch.labels.push(s.label);
         }
-        batch.views = views;
-        Ok(Some(Sample { index, epoch, payload: Payload::Batch(batch), ..Sample::default() }))
+        b.indices.push(s.index);
+        b.labels.push(s.label);
+        Ok(())
+    }
+
+    /// The batch being filled, as a sample (none if empty, or partial under `drop_last`).
+    fn finish(&mut self) -> Option<Sample> {
+        let b = self.building.take()?;
+        let n = b.indices.len();
+        if n < self.cfg.batch_size && self.cfg.drop_last {
+            for v in b.views {
+                self.pool.put(v);
+            }
+            return None;
+        }
+        let views = b
+            .views
+            .into_iter()
+            .zip(b.shapes)
+            .map(|(data, per)| {
+                let mut shape = Vec::with_capacity(per.len() + 1);
+                shape.push(n);
+                shape.extend(per);
+                Tensor { shape, data }
+            })
+            .collect();
+        let batch = Batch { views, indices: b.indices, labels: b.labels, pool: Some(self.pool.clone()) };
+        Some(Sample {
+            index: b.first_index,
+            epoch: b.epoch,
+            payload: Payload::Batch(batch),
+            ..Sample::default()
+        })
+    }
+}
+
+impl BatchBuilder {
+    /// Starts a new batch at an epoch change, adds the sample, ends a full batch.
+    fn push_with(
+        &mut self,
+        epoch: u32,
+        add: impl FnOnce(&mut Self) -> Result<(), StageError>,
+    ) -> Result<Option<Sample>, StageError> {
+        let mut out = None;
+        if self.building.as_ref().is_some_and(|b| b.epoch != epoch) {
+            out = self.finish();
+        }
+        add(self)?;
+        if self.building.as_ref().is_some_and(|b| b.indices.len() >= self.cfg.batch_size) {
+            // At most one batch per push: an epoch change just emitted the partial one, and
+            // a fresh batch holds one sample, so both cannot happen at once unless size is 1.
+            if out.is_none() {
+                out = self.finish();
+            }
+        }
+        Ok(out)
     }
 }
 
 impl Batcher for BatchBuilder {
     fn push(&mut self, sample: Sample) -> Result<Option<Sample>, StageError> {
-        let mut out = None;
-        if self.pending.first().is_some_and(|p| p.epoch != sample.epoch) {
-            out = self.assemble()?;
-        }
-        self.pending.push(sample);
-        if self.pending.len() >= self.cfg.batch_size {
-            // At most one batch per push: an epoch change just emitted the partial one, and
-            // a fresh batch holds one sample, so both cannot happen at once unless size is 1.
-            if out.is_none() {
-                out = self.assemble()?;
-            }
-        }
-        Ok(out)
+        self.push_with(sample.epoch, |b| b.add(sample))
+    }
+
+    fn push_via(&mut self, sample: Sample, writer: &dyn TensorWriter) -> Result<Option<Sample>, StageError> {
+        let shapes = writer.shapes(&sample)?;
+        self.push_with(sample.epoch, |b| {
+            b.add_with(&sample, &shapes, |view, dst| writer.append(&sample, view, dst))
+        })
     }
 
     fn flush(&mut self) -> Result<Option<Sample>, StageError> {
-        self.assemble()
+        Ok(self.finish())
     }
 
     fn worker_batch_size(&self) -> Option<usize> {
@@ -237,7 +346,7 @@ impl Batcher for BatchBuilder {
     }
 
     fn fork(&self) -> Option<Box<dyn Batcher>> {
-        Some(Box::new(Self { cfg: self.cfg.clone(), pending: Vec::new(), pool: self.pool.clone() }))
+        Some(Box::new(Self { cfg: self.cfg.clone(), building: None, pool: self.pool.clone() }))
     }
 }
 
@@ -338,5 +447,79 @@ mod tests {
         let kept: Vec<Sample> = (0..3).filter_map(|i| dropping.push(sample(i, 0, 0)).unwrap()).collect();
         assert_eq!(kept.len(), 1);
         assert!(dropping.flush().unwrap().is_none());
+    }
+
+    /// `(first index, epoch, indices, labels, shapes, values)` of each batch.
+    type Flat = Vec<(u64, u32, Vec<u64>, Vec<Option<u32>>, Vec<Vec<usize>>, Vec<Vec<f32>>)>;
+
+    fn flatten(out: Vec<Sample>) -> Flat {
+        out.into_iter()
+            .filter_map(|s| match s.payload {
+                Payload::Batch(b) => Some((
+                    s.index,
+                    s.epoch,
+                    b.indices.clone(),
+                    b.labels.clone(),
+                    b.views.iter().map(|t| t.shape.clone()).collect(),
+                    b.views.iter().map(|t| t.data.clone()).collect(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `to_tensor` written straight into the batch (`push_via`, as the runtime fuses them) gives
+    /// the batches `apply` then `push` give: values, shapes, epoch splits and `drop_last` alike.
+    #[test]
+    fn fused_to_tensor_gives_the_batches_apply_gives() {
+        let cfg = ToTensor { mean: Some([0.4, 0.5, 0.6]), std: Some([0.2, 0.25, 0.3]) };
+        let Ok(Stage::Map(stage)) = cfg.build(&Context::default()) else {
+            panic!("to_tensor builds a map stage")
+        };
+        let writer = stage.as_tensor_writer().expect("to_tensor is a tensor writer");
+        let views = |i: u64, epoch: u32| Sample {
+            index: i,
+            epoch,
+            label: Some(i as u32 * 3),
+            payload: Payload::Views(
+                (0..2)
+                    .map(|v| {
+                        Image::from_raw(
+                            3,
+                            2,
+                            (0..18).map(|k| (k * 13 + i as u32 * 7 + v * 5) as u8).collect(),
+                        )
+                    })
+                    .collect::<Option<Vec<_>>>()
+                    .unwrap(),
+            ),
+            ..Sample::default()
+        };
+        let order = [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0), (5, 1), (6, 1), (7, 2), (8, 2), (9, 2), (10, 2)];
+        for (size, drop_last) in [(1, false), (3, false), (3, true), (4, false)] {
+            let (mut applied, mut fused) =
+                (BatchBuilder::new(size, drop_last), BatchBuilder::new(size, drop_last));
+            let (mut a, mut f) = (Vec::new(), Vec::new());
+            for (i, e) in order {
+                let mut s = views(i, e);
+                let cx = SampleCtx { seed: 0, stage_key: 0, epoch: e, index: i };
+                stage.apply(&mut s, &cx).unwrap();
+                a.extend(applied.push(s).unwrap());
+                f.extend(fused.push_via(views(i, e), writer).unwrap());
+            }
+            a.extend(applied.flush().unwrap());
+            f.extend(fused.flush().unwrap());
+            let (a, f) = (flatten(a), flatten(f));
+            assert!(!a.is_empty());
+            assert_eq!(a, f, "size {size}, drop_last {drop_last}");
+        }
+        // Another view size within a batch is an error either way.
+        let mut b = BatchBuilder::new(4, false);
+        b.push_via(views(0, 0), writer).unwrap();
+        let odd = Sample { payload: Payload::Views(vec![Image::new(2, 2), Image::new(2, 2)]), ..views(1, 0) };
+        assert!(b.push_via(odd, writer).unwrap_err().to_string().contains("another shape"));
+        // Not views: `to_tensor`'s own error.
+        let err = BatchBuilder::new(4, false).push_via(Sample::default(), writer).unwrap_err();
+        assert!(err.to_string().contains("`to_tensor` needs image views"), "{err}");
     }
 }
