@@ -295,10 +295,7 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
     // no sample can be skipped (a skip would shorten that chunk's batch, where the collector
     // fills it from the next samples). The batches are the same either way.
     let last_workers = seg_workers.last().copied().unwrap_or(1);
-    let fusable = segments
-        .last()
-        .and_then(|s| s.last())
-        .is_some_and(|o| matches!(&o.op, Op::Map(m) if m.as_tensor_writer().is_some()));
+    let fusable = segments.last().and_then(|s| s.last()).and_then(tensor_writer).is_some();
     let mut forks: Option<(usize, Vec<Box<dyn Batcher>>)> = match (&batch, opts.chunk, src_opts.on_error) {
         (Some((_, b)), None, OnError::Fail) if last_workers >= 2 || fusable => b
             .worker_batch_size()
@@ -604,21 +601,18 @@ impl TensorWriter for Tracked<'_> {
 }
 
 impl WorkerBatch {
-    /// Adds one sample, converted by `fused` (the stage before `batch`) on the way if given.
-    /// False once the run has failed.
-    fn push(&mut self, sample: Sample, fused: Option<&OpInfo>, shared: &Shared) -> bool {
+    /// Adds one sample, converted by `fused` (the stage before `batch`, and its writer) on the
+    /// way if given. False once the run has failed.
+    fn push(&mut self, sample: Sample, fused: Option<(&OpInfo, &dyn TensorWriter)>, shared: &Shared) -> bool {
         let (index, name) = (sample.index, sample.name.clone());
-        let result = match fused.map(|o| (o, &o.op)) {
-            Some((o, Op::Map(m))) => match m.as_tensor_writer() {
-                Some(w) => {
-                    let w = Tracked { inner: w, failed: AtomicBool::new(false) };
-                    self.batcher
-                        .push_via(sample, &w)
-                        .map_err(|e| (e, w.failed.load(Ordering::Relaxed).then_some(o)))
-                }
-                None => self.batcher.push(sample).map_err(|e| (e, None)),
-            },
-            _ => self.batcher.push(sample).map_err(|e| (e, None)),
+        let result = match fused {
+            Some((o, w)) => {
+                let w = Tracked { inner: w, failed: AtomicBool::new(false) };
+                self.batcher
+                    .push_via(sample, &w)
+                    .map_err(|e| (e, w.failed.load(Ordering::Relaxed).then_some(o)))
+            }
+            None => self.batcher.push(sample).map_err(|e| (e, None)),
         };
         match result {
             Ok(b) => {
@@ -651,6 +645,14 @@ impl WorkerBatch {
     }
 }
 
+/// The stage's tensor writer, if it is a map stage that has one (see `MapStage::as_tensor_writer`).
+fn tensor_writer(o: &OpInfo) -> Option<&dyn TensorWriter> {
+    match &o.op {
+        Op::Map(m) => m.as_tensor_writer(),
+        Op::Read(_) => None,
+    }
+}
+
 fn worker(
     seg: &[OpInfo],
     rx: &Receiver<Chunk>,
@@ -662,9 +664,7 @@ fn worker(
 ) {
     // The last stage, when it can write its tensors straight into the batch, is not applied
     // but handed to the batcher with each sample (see `MapStage::as_tensor_writer`).
-    let fused = seg
-        .last()
-        .filter(|o| batcher.is_some() && matches!(&o.op, Op::Map(m) if m.as_tensor_writer().is_some()));
+    let fused = seg.last().filter(|_| batcher.is_some()).and_then(|o| Some((o, tensor_writer(o)?)));
     let applied = seg.len() - usize::from(fused.is_some());
     loop {
         let t = Instant::now();
@@ -721,7 +721,7 @@ fn worker(
                 return;
             }
             match fused {
-                Some(o) => {
+                Some((o, _)) => {
                     busy[applied] += nanos(t.elapsed());
                     o.counters.items.fetch_add(1, Ordering::Relaxed);
                 }

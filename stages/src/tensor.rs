@@ -298,9 +298,7 @@ impl BatchBuilder {
             ..Sample::default()
         })
     }
-}
 
-impl BatchBuilder {
     /// Starts a new batch at an epoch change, adds the sample, ends a full batch.
     fn push_with(
         &mut self,
