@@ -9,6 +9,7 @@ pub mod plugin;
 pub mod rng;
 pub mod runtime;
 pub mod sample;
+pub mod simd;
 pub mod spec;
 pub mod stage;
 pub mod sweep;

@@ -1,4 +1,4 @@
-//! The CPU convolution (`simclr_train::conv`) on every 3x3 layer shape of a CIFAR-stem
+//! The CPU convolution (`simclr_train::cpu::conv`) on every 3x3 layer shape of a CIFAR-stem
 //! ResNet-18, 256 views: seconds and GFLOP/s of the forward pass and of the backward pass
 //! (input and weight gradients), the same convolution through burn's own op beside it.
 //! `RAYON_NUM_THREADS=2 cargo run --release -p simclr-train --example conv_layers`
@@ -31,7 +31,7 @@ fn time(x: &TensorData, w: &TensorData, s: usize, ours: bool) -> (f64, f64) {
         let w = Tensor::<B, 4>::from_data(w.clone(), &device).require_grad();
         let t = Instant::now();
         let y = if ours {
-            simclr_train::conv::conv2d(x.clone(), w.clone(), s, 1)
+            simclr_train::cpu::conv::conv2d(x.clone(), w.clone(), s, 1)
         } else {
             burn::tensor::module::conv2d(
                 x.clone(),

@@ -11,7 +11,7 @@
 
 pub mod checkpoint;
 pub mod config;
-pub mod conv;
+pub mod cpu;
 pub mod eval;
 pub mod export;
 pub mod loss;

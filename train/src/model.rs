@@ -16,6 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::config::{Backbone, HeadConfig, HeadKind, SimclrTrain, Stem};
+use crate::cpu::batchnorm::BnInputs;
 
 /// BatchNorm momentum of the running statistics (PyTorch's 0.1 = TF's decay 0.9) and epsilon.
 pub const BN_MOMENTUM: f64 = 0.1;
@@ -77,7 +78,7 @@ impl<B: Backend> Conv<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        crate::conv::conv2d(x, self.weight.val(), self.stride, self.padding)
+        crate::cpu::conv::conv2d(x, self.weight.val(), self.stride, self.padding)
     }
 }
 
@@ -103,29 +104,91 @@ impl<B: Backend> BatchNorm<B> {
     }
 
     /// Normalizes `x` (2-D or 4-D, channels in dimension 1).
-    ///
-    /// Written for speed on `flex`: the input is viewed as N x C x (H*W), and per-channel
-    /// vectors are repeated to N x C x 1 before they touch the big tensor, so every full-size
-    /// op is a contiguous or per-row broadcast (a [1, C, 1, 1] operand takes a generic strided
-    /// path that made BatchNorm 4x slower, forward and backward).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.forward_act(x, None, false)
+    }
+
+    /// `relu?(bn(x) + residual?)`: on the CPU backend one fused op ([`crate::cpu::batchnorm`]),
+    /// elsewhere burn's tensor ops.
+    pub fn forward_act<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        residual: Option<Tensor<B, D>>,
+        relu_after: bool,
+    ) -> Tensor<B, D> {
+        let dims = x.dims();
+        let count = (dims[0] * dims[2..].iter().product::<usize>()) as f64;
+        let training = B::ad_enabled(&x.device());
+        let inputs = BnInputs {
+            x,
+            gamma: self.weight.val(),
+            beta: self.bias.as_ref().map(|b| b.val()),
+            residual,
+            relu: relu_after,
+        };
+        let inputs = if !crate::cpu::is_flex::<B>() {
+            inputs
+        } else if training {
+            match crate::cpu::batchnorm::train(inputs, BN_EPS) {
+                Ok(out) => {
+                    let device = out.y.device();
+                    let c = out.mean.len();
+                    let mean = Tensor::<B, 1>::from_data(TensorData::new(out.mean, [c]), &device);
+                    let var = Tensor::<B, 1>::from_data(TensorData::new(out.var, [c]), &device);
+                    self.update_running(mean, var, count);
+                    return out.y;
+                }
+                Err(i) => i,
+            }
+        } else {
+            let read = |t: Tensor<B, 1>| t.into_data().convert::<f32>().into_vec::<f32>().unwrap_or_default();
+            let (rm, rv) = (read(self.running_mean.value_sync()), read(self.running_var.value_sync()));
+            match crate::cpu::batchnorm::eval(inputs, &rm, &rv, BN_EPS) {
+                Ok(y) => return y,
+                Err(i) => i,
+            }
+        };
+        let mut y = self.forward_tensor_ops(inputs.x, training, count);
+        if let Some(r) = inputs.residual {
+            y = y + r;
+        }
+        if relu_after {
+            y = relu(y);
+        }
+        y
+    }
+
+    /// Running statistics: `(1 - momentum) old + momentum batch` (the variance unbiased).
+    fn update_running(&self, mean: Tensor<B, 1>, var: Tensor<B, 1>, count: f64) {
+        let unbiased = count / (count - 1.0).max(1.0);
+        let rm = self.running_mean.value_sync();
+        let rv = self.running_var.value_sync();
+        let m = BN_MOMENTUM;
+        self.running_mean.update(rm.mul_scalar(1.0 - m).add(mean.detach().mul_scalar(m)).detach());
+        self.running_var.update(rv.mul_scalar(1.0 - m).add(var.detach().mul_scalar(m * unbiased)).detach());
+    }
+
+    /// BatchNorm with burn's tensor ops (GPU backends).
+    ///
+    /// The input is viewed as N x C x (H*W), and per-channel vectors are repeated to N x C x 1
+    /// before they touch the big tensor, so every full-size op is a contiguous or per-row
+    /// broadcast.
+    pub(crate) fn forward_tensor_ops<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        training: bool,
+        count: f64,
+    ) -> Tensor<B, D> {
         let dims = x.dims();
         let (n, c) = (dims[0], dims[1]);
         let rest = dims[2..].iter().product::<usize>();
         let x3: Tensor<B, 3> = x.reshape([n, c, rest]);
         let per_row = |v: Tensor<B, 1>| v.reshape([1, c, 1]).repeat_dim(0, n);
-        let y = if B::ad_enabled(&x3.device()) {
-            let count = (n * rest) as f64;
+        let y = if training {
             let mean = x3.clone().sum_dim(2).sum_dim(0).div_scalar(count).reshape([c]);
             let xc = x3 - per_row(mean.clone());
             let var = xc.clone().square().sum_dim(2).sum_dim(0).div_scalar(count).reshape([c]);
-            let unbiased = count / (count - 1.0).max(1.0);
-            let rm = self.running_mean.value_sync();
-            let rv = self.running_var.value_sync();
-            let m = BN_MOMENTUM;
-            self.running_mean.update(rm.mul_scalar(1.0 - m).add(mean.detach().mul_scalar(m)).detach());
-            self.running_var
-                .update(rv.mul_scalar(1.0 - m).add(var.clone().detach().mul_scalar(m * unbiased)).detach());
+            self.update_running(mean, var.clone(), count);
             let y = xc * per_row(self.weight.val() / var.add_scalar(BN_EPS).sqrt());
             match &self.bias {
                 Some(b) => y + per_row(b.val()),
@@ -193,12 +256,14 @@ impl<B: Backend> Block<B> {
             Some((conv, bn)) => bn.forward(conv.forward(x.clone())),
             None => x.clone(),
         };
-        let out = relu(self.bn1.forward(self.conv1.forward(x)));
-        let mut out = self.bn2.forward(self.conv2.forward(out));
-        if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            out = bn3.forward(conv3.forward(relu(out)));
+        let out = self.bn1.forward_act(self.conv1.forward(x), None, true);
+        match (&self.conv3, &self.bn3) {
+            (Some(conv3), Some(bn3)) => {
+                let out = self.bn2.forward_act(self.conv2.forward(out), None, true);
+                bn3.forward_act(conv3.forward(out), Some(identity), true)
+            }
+            _ => self.bn2.forward_act(self.conv2.forward(out), Some(identity), true),
         }
-        relu(out + identity)
     }
 }
 
@@ -260,7 +325,7 @@ impl<B: Backend> ResNet<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
-        let mut x = relu(self.bn1.forward(self.conv1.forward(x)));
+        let mut x = self.bn1.forward_act(self.conv1.forward(x), None, true);
         if self.maxpool {
             x = max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], false);
         }
@@ -338,12 +403,11 @@ impl<B: Backend> Head<B> {
     pub fn forward(&self, mut x: Tensor<B, 2>) -> Tensor<B, 2> {
         for l in &self.layers {
             x = l.linear.forward(x);
-            if let Some(bn) = &l.bn {
-                x = bn.forward(x);
-            }
-            if l.relu {
-                x = relu(x);
-            }
+            x = match &l.bn {
+                Some(bn) => bn.forward_act(x, None, l.relu),
+                None if l.relu => relu(x),
+                None => x,
+            };
         }
         x
     }

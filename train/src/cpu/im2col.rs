@@ -1,0 +1,356 @@
+//! The operands of the convolution GEMMs ([`super::gemm`]), packed straight from NCHW tensors:
+//! the im2col matrix of the input (never materialized), the output gradient as a matrix, and
+//! the NCHW output as a tile sink.
+//!
+//! Columns are (image, output position) pairs, `image * positions + oh * wo + ow`; im2col rows
+//! are (input channel, kernel row, kernel column) triples, `(c * kh + i) * kw + j`.
+
+use std::cell::UnsafeCell;
+
+use super::conv::Geometry;
+use super::gemm::{slot, zero_padding, Pack, Store};
+
+/// A run of consecutive columns inside one output row of one image (and one panel).
+#[derive(Clone, Copy)]
+struct Run {
+    /// The run's first column, counted from the start of the packed range.
+    at: usize,
+    len: usize,
+    image: usize,
+    oh: usize,
+    ow: usize,
+}
+
+/// Splits columns `c0..c0 + len` into runs that stay inside one output row (`row` true) or
+/// one image (`row` false), and inside one panel of `width` columns.
+fn runs(g: &Geometry, c0: usize, len: usize, width: usize, row: bool) -> Vec<Run> {
+    let pos = g.positions();
+    let mut out = Vec::with_capacity(len / g.wo.min(width).max(1) + 2);
+    let mut at = 0;
+    while at < len {
+        let col = c0 + at;
+        let (image, p) = (col / pos, col % pos);
+        let (oh, ow) = (p / g.wo, p % g.wo);
+        let left = if row { g.wo - ow } else { pos - p };
+        let n = left.min(len - at).min(width - at % width);
+        out.push(Run { at, len: n, image, oh, ow });
+        at += n;
+    }
+    out
+}
+
+/// The im2col row `k` = (channel, kernel row, kernel column).
+fn tap(g: &Geometry, k: usize) -> (usize, usize, usize) {
+    let taps = g.kh * g.kw;
+    (k / taps, k % taps / g.kw, k % g.kw)
+}
+
+/// `dst[t] = x[image, c, oh * s + i - p, (ow + t) * s + j - p]`, 0 outside the image.
+#[inline]
+fn gather_row(x: &[f32], g: &Geometry, run: &Run, c: usize, i: usize, j: usize, dst: &mut [f32]) {
+    let ih = (run.oh * g.s + i).wrapping_sub(g.p);
+    if ih >= g.h {
+        dst.fill(0.0);
+        return;
+    }
+    let line = &x[((run.image * g.ci + c) * g.h + ih) * g.w..][..g.w];
+    // Valid outputs: 0 <= ow * s + j - p < w.
+    let lo = g.p.saturating_sub(j).div_ceil(g.s);
+    let hi = if g.w + g.p > j { (g.w + g.p - j - 1) / g.s + 1 } else { 0 };
+    let end = run.ow + run.len;
+    let (a, b) = (lo.clamp(run.ow, end), hi.clamp(run.ow, end));
+    let (a, b) = (a - run.ow, b.max(a) - run.ow);
+    dst[..a].fill(0.0);
+    dst[b..].fill(0.0);
+    if a < b {
+        let iw0 = (run.ow + a) * g.s + j - g.p;
+        if g.s == 1 {
+            dst[a..b].copy_from_slice(&line[iw0..iw0 + (b - a)]);
+        } else {
+            for (d, v) in dst[a..b].iter_mut().zip(line[iw0..].iter().step_by(g.s)) {
+                *d = *v;
+            }
+        }
+    }
+}
+
+/// The im2col matrix of `x` as the B operand of the forward GEMM: lanes are columns, the
+/// reduction runs over im2col rows.
+pub(crate) struct Im2colCols<'a> {
+    pub x: &'a [f32],
+    pub g: Geometry,
+}
+
+impl Pack for Im2colCols<'_> {
+    fn pack(&self, c0: usize, len: usize, width: usize, k0: usize, kc: usize, out: &mut [f32]) {
+        let rs = runs(&self.g, c0, len, width, true);
+        for kk in 0..kc {
+            let (c, i, j) = tap(&self.g, k0 + kk);
+            for r in &rs {
+                let at = slot(r.at, kk, width, kc);
+                gather_row(self.x, &self.g, r, c, i, j, &mut out[at..at + r.len]);
+            }
+        }
+        zero_padding(len, width, kc, out);
+    }
+}
+
+/// dY as the A operand of the weight-gradient GEMM (dW' = dY . im2col'(x)): lanes are output
+/// channels, the reduction runs over columns.
+pub(crate) struct DyRows<'a> {
+    pub dy: &'a [f32],
+    pub g: Geometry,
+}
+
+impl Pack for DyRows<'_> {
+    fn pack(&self, m0: usize, len: usize, width: usize, c0: usize, kc: usize, out: &mut [f32]) {
+        let pos = self.g.positions();
+        let rs = runs(&self.g, c0, kc, usize::MAX, false);
+        for lane in 0..len {
+            let base = slot(lane, 0, width, kc);
+            for r in &rs {
+                let p = r.oh * self.g.wo + r.ow;
+                let src = &self.dy[(r.image * self.g.co + m0 + lane) * pos + p..][..r.len];
+                for (t, v) in src.iter().enumerate() {
+                    out[base + (r.at + t) * width] = *v;
+                }
+            }
+        }
+        zero_padding(len, width, kc, out);
+    }
+}
+
+/// `x` zero-padded and channels-last, `[image][hp][wp][ci]`, the B operand of the
+/// weight-gradient GEMM read in place. Its im2col rows are ordered (kernel row, kernel column,
+/// channel) (`im2col'`), so 16 or 32 consecutive rows at one output position are contiguous:
+/// row `t` of column (image, oh, ow) sits at `column_offset + tap_base(t)`.
+pub(crate) struct PaddedCl {
+    data: Vec<f32>,
+    g: Geometry,
+    hp: usize,
+    wp: usize,
+}
+
+impl PaddedCl {
+    pub(crate) fn new(x: &[f32], g: Geometry) -> Self {
+        use rayon::prelude::*;
+        let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
+        let mut data = vec![0f32; g.n * hp * wp * g.ci];
+        let plane = g.h * g.w;
+        if !data.is_empty() {
+            data.par_chunks_mut(hp * wp * g.ci).zip(x.par_chunks(g.ci * plane)).for_each(|(dst, src)| {
+                for ih in 0..g.h {
+                    for iw in 0..g.w {
+                        let at = ((ih + g.p) * wp + iw + g.p) * g.ci;
+                        for (c, d) in dst[at..at + g.ci].iter_mut().enumerate() {
+                            *d = src[c * plane + ih * g.w + iw];
+                        }
+                    }
+                }
+            });
+        }
+        Self { data, g, hp, wp }
+    }
+
+    /// Offset of column `col` = (image, oh, ow): its window's top-left corner.
+    fn column(&self, col: usize) -> usize {
+        let pos = self.g.positions();
+        let (image, p) = (col / pos, col % pos);
+        let (oh, ow) = (p / self.g.wo, p % self.g.wo);
+        ((image * self.hp + oh * self.g.s) * self.wp + ow * self.g.s) * self.g.ci
+    }
+
+    /// Offset of im2col' row `t` = (i, j, c) from a column's offset.
+    fn tap(&self, t: usize) -> usize {
+        let (ij, c) = (t / self.g.ci, t % self.g.ci);
+        let (i, j) = (ij / self.g.kw, ij % self.g.kw);
+        (i * self.wp + j) * self.g.ci + c
+    }
+}
+
+impl super::gemm::Indirect for PaddedCl {
+    fn data(&self) -> &[f32] {
+        &self.data
+    }
+    fn offsets(&self, k0: usize, kc: usize, out: &mut [usize]) {
+        for (kk, o) in out[..kc].iter_mut().enumerate() {
+            *o = self.column(k0 + kk);
+        }
+    }
+    fn bases(&self, t0: usize, half: usize) -> Option<(usize, usize)> {
+        let ci = self.g.ci;
+        let ok = |t: usize| t % ci + half <= ci;
+        (ok(t0) && ok(t0 + half)).then(|| (self.tap(t0), self.tap(t0 + half)))
+    }
+}
+
+impl Pack for PaddedCl {
+    fn pack(&self, t0: usize, len: usize, width: usize, c0: usize, kc: usize, out: &mut [f32]) {
+        let taps: Vec<usize> = (0..len).map(|l| self.tap(t0 + l)).collect();
+        for kk in 0..kc {
+            let col = self.column(c0 + kk);
+            for (l, t) in taps.iter().enumerate() {
+                out[slot(l, kk, width, kc)] = self.data[col + t];
+            }
+        }
+        zero_padding(len, width, kc, out);
+    }
+}
+
+/// The output gradient dY as a (channels x columns) matrix, the B operand of the strided input
+/// gradient (col(dX) = W^T . dY), read in place where a panel half stays in one image.
+pub(crate) struct DyInPlace<'a> {
+    pub dy: &'a [f32],
+    pub g: Geometry,
+}
+
+impl super::gemm::Indirect for DyInPlace<'_> {
+    fn data(&self) -> &[f32] {
+        self.dy
+    }
+    fn offsets(&self, k0: usize, kc: usize, out: &mut [usize]) {
+        let pos = self.g.positions();
+        for (kk, o) in out[..kc].iter_mut().enumerate() {
+            *o = (k0 + kk) * pos;
+        }
+    }
+    fn bases(&self, n0: usize, half: usize) -> Option<(usize, usize)> {
+        let pos = self.g.positions();
+        let base = |col: usize| {
+            let (image, p) = (col / pos, col % pos);
+            (p + half <= pos).then_some(image * self.g.co * pos + p)
+        };
+        Some((base(n0)?, base(n0 + half)?))
+    }
+}
+
+/// dY as a (channels x columns) matrix packed panel by panel (where [`DyInPlace`] cannot read
+/// a panel in place): lanes are columns, the reduction runs over channels.
+pub(crate) struct DyCols<'a> {
+    pub dy: &'a [f32],
+    pub g: Geometry,
+}
+
+impl Pack for DyCols<'_> {
+    fn pack(&self, c0: usize, len: usize, width: usize, k0: usize, kc: usize, out: &mut [f32]) {
+        let pos = self.g.positions();
+        let rs = runs(&self.g, c0, len, width, false);
+        for kk in 0..kc {
+            for r in &rs {
+                let p = r.oh * self.g.wo + r.ow;
+                let src = &self.dy[(r.image * self.g.co + k0 + kk) * pos + p..][..r.len];
+                let at = slot(r.at, kk, width, kc);
+                out[at..at + r.len].copy_from_slice(src);
+            }
+        }
+        zero_padding(len, width, kc, out);
+    }
+}
+
+/// An N x C x positions tensor filled tile by tile: rows are channels, columns are (image,
+/// position) pairs.
+pub(crate) struct Nchw<'a> {
+    cells: &'a [UnsafeCell<f32>],
+    channels: usize,
+    positions: usize,
+}
+
+// SAFETY: the convolution's tasks store disjoint tiles (disjoint channel or column ranges), so
+// no element is written by two threads, and nothing reads the tensor until they are joined.
+unsafe impl Sync for Nchw<'_> {}
+
+impl<'a> Nchw<'a> {
+    pub(crate) fn new(data: &'a mut [f32], channels: usize, positions: usize) -> Self {
+        let len = data.len();
+        // SAFETY: UnsafeCell<f32> has the layout of f32; the exclusive borrow lasts for 'a.
+        let cells = unsafe { std::slice::from_raw_parts(data.as_mut_ptr().cast::<UnsafeCell<f32>>(), len) };
+        Self { cells, channels, positions }
+    }
+}
+
+impl Store for Nchw<'_> {
+    fn store(
+        &self,
+        m0: usize,
+        mlen: usize,
+        n0: usize,
+        nlen: usize,
+        tile: &[f32],
+        nr: usize,
+        overwrite: bool,
+    ) {
+        let pos = self.positions;
+        let mut at = 0;
+        while at < nlen {
+            let col = n0 + at;
+            let (image, p) = (col / pos, col % pos);
+            let n = (pos - p).min(nlen - at);
+            for r in 0..mlen {
+                let start = (image * self.channels + m0 + r) * pos + p;
+                let cells = &self.cells[start..start + n];
+                // SAFETY: these cells belong to this tile alone (see `Sync`), and an
+                // UnsafeCell<f32> slice has the layout of an f32 slice.
+                let dst = unsafe { std::slice::from_raw_parts_mut(UnsafeCell::raw_get(cells.as_ptr()), n) };
+                let src = &tile[r * nr + at..][..n];
+                if overwrite {
+                    dst.copy_from_slice(src);
+                } else {
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                }
+            }
+            at += n;
+        }
+    }
+}
+
+/// A stride-1 input zero-padded on every side by the convolution's padding, so that the
+/// im2col matrix's panels can be read in place ([`super::gemm::gemm_indirect`]): for column
+/// (image, oh, ow) and im2col row (c, i, j) the value sits at
+/// `image * ci * hp * wp + c * hp * wp + (oh + i) * wp + (ow + j)`.
+pub(crate) struct Padded {
+    data: Vec<f32>,
+    g: Geometry,
+    hp: usize,
+    wp: usize,
+}
+
+impl Padded {
+    /// The padded copy of `x` (stride 1 only).
+    pub(crate) fn new(x: &[f32], g: Geometry) -> Self {
+        use rayon::prelude::*;
+        debug_assert_eq!(g.s, 1);
+        let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
+        let mut data = vec![0f32; g.n * g.ci * hp * wp];
+        if !data.is_empty() {
+            data.par_chunks_mut(hp * wp).zip(x.par_chunks(g.h * g.w)).for_each(|(dst, src)| {
+                for (r, line) in src.chunks(g.w).enumerate() {
+                    dst[(r + g.p) * wp + g.p..][..g.w].copy_from_slice(line);
+                }
+            });
+        }
+        Self { data, g, hp, wp }
+    }
+}
+
+impl super::gemm::Indirect for Padded {
+    fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    fn offsets(&self, k0: usize, kc: usize, out: &mut [usize]) {
+        for (kk, o) in out[..kc].iter_mut().enumerate() {
+            let (c, i, j) = tap(&self.g, k0 + kk);
+            *o = c * self.hp * self.wp + i * self.wp + j;
+        }
+    }
+
+    fn bases(&self, n0: usize, half: usize) -> Option<(usize, usize)> {
+        let pos = self.g.positions();
+        let base = |col: usize| {
+            let (image, p) = (col / pos, col % pos);
+            let (oh, ow) = (p / self.g.wo, p % self.g.wo);
+            (ow + half <= self.g.wo).then(|| image * self.g.ci * self.hp * self.wp + oh * self.wp + ow)
+        };
+        Some((base(n0)?, base(n0 + half)?))
+    }
+}
