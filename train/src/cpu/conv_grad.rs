@@ -11,8 +11,8 @@ use rayon::prelude::*;
 
 use super::conv::Geometry;
 use super::gemm::dense::{Matrix, Out as Dense};
-use super::gemm::{self, PackedA, Store};
-use super::im2col::{DyCols, DyInPlace, DyRows, PaddedCl};
+use super::gemm::{self, Packed, Store};
+use super::im2col::{channels_last, DyRows, Nchw, PaddedCl, PhaseDy};
 use super::{flex, with_scratch};
 
 /// Partial weight gradients, at most (summed in order at the end).
@@ -82,101 +82,89 @@ pub(crate) fn weight_grad(x: &FlexTensor, dy: &FlexTensor, geo: &Geometry) -> Fl
     flex(out, [g.co, g.ci, g.kh, g.kw])
 }
 
-/// Input gradient for any stride: col(dX_g) = W^T . dY_g per image group (row blocks in
-/// parallel when groups are few), scattered back by col2im.
+/// Input gradient for strides above 1, by phases (the sub-pixel form of a transposed
+/// convolution): the input positions (s u + a, s v + b) of phase (a, b) receive only the taps
+/// i = a + p (mod s), j = b + p (mod s), each from dY at (u + (a + p - i) / s, v + ...), so each
+/// phase is one product dX_ab^T = dY'_ab . W_ab read in place from a padded channels-last copy
+/// of dY: no column buffer and no scatter-add. Positions of a phase with no taps stay 0.
 pub(crate) fn input_grad_strided(w: &[f32], dy: &[f32], g: Geometry) -> FlexTensor {
-    let (k, pos, group) = (g.k(), g.positions(), g.group());
-    let image = g.ci * g.h * g.w;
-    let mut dx = vec![0f32; g.n * image];
+    let mut dx = vec![0f32; g.n * g.ci * g.h * g.w];
     if dx.is_empty() {
         return flex(dx, [g.n, g.ci, g.h, g.w]);
     }
     let kern = gemm::kernel();
-    let rows = block_rows(k, g.groups()).div_ceil(kern.mr) * kern.mr;
-    let a = PackedA::new(kern, &Matrix { data: w, lane_stride: 1, k_stride: k }, k, g.co);
-    let (b, fallback) = (DyInPlace { dy, g }, DyCols { dy, g });
-    dx.par_chunks_mut(group * image).enumerate().for_each(|(gi, out)| {
-        let n0 = gi * group;
-        let images = out.len() / image;
-        let cols = images * pos;
-        with_scratch([k * cols], |[col]| {
-            // col[k, cols] = W^T[k, co] . dY_g[co, cols], row blocks in parallel.
-            let sink = ColumnsFrom { inner: Dense::new(col, cols), first: n0 * pos };
-            (0..k.div_ceil(rows)).into_par_iter().for_each(|blk| {
-                let r = blk * rows..((blk + 1) * rows).min(k);
-                let c = n0 * pos..n0 * pos + cols;
-                gemm::gemm_indirect(kern, r, c, 0..g.co, gemm::A::Prepacked(&a), &b, &fallback, &sink);
-            });
-            let col = &*col;
-            out.par_chunks_mut(image).enumerate().for_each(|(i, dxi)| col2im(col, &g, images, i, dxi));
+    let (s, p) = (g.s as isize, g.p as isize);
+    // Per phase: taps as (i, j, di, dj) with dY row u + di for input row s u + a.
+    let shift = |a: usize, i: usize| -> Option<isize> {
+        let d = a as isize + p - i as isize;
+        (d.rem_euclid(s) == 0).then_some(d.div_euclid(s))
+    };
+    let mut phases = Vec::new();
+    for a in 0..g.s.min(g.h) {
+        for b in 0..g.s.min(g.w) {
+            let taps: Vec<(usize, usize, isize, isize)> = (0..g.kh)
+                .flat_map(|i| (0..g.kw).map(move |j| (i, j)))
+                .filter_map(|(i, j)| Some((i, j, shift(a, i)?, shift(b, j)?)))
+                .collect();
+            if !taps.is_empty() {
+                phases.push((a, b, taps));
+            }
+        }
+    }
+    // One padded copy of dY serves every phase: enough rows before and after for every shift.
+    let lo = phases.iter().flat_map(|(_, _, t)| t.iter().flat_map(|x| [-x.2, -x.3])).max().unwrap_or(0).max(0) as usize;
+    let (hu_max, wv_max) = (g.h.div_ceil(g.s), g.w.div_ceil(g.s));
+    let reach = phases.iter().flat_map(|(_, _, t)| t.iter().flat_map(|x| [x.2, x.3])).max().unwrap_or(0).max(0) as usize;
+    let hi = (hu_max.max(wv_max) + reach).saturating_sub(g.ho.min(g.wo));
+    let (data, hp, wp) = channels_last(dy, [g.n, g.co, g.ho, g.wo], lo, hi);
+    let out = Nchw::new(&mut dx, g.ci, g.h * g.w);
+    let mut work = Vec::new();
+    for (a, b, taps) in &phases {
+        let (hu, wv) = ((g.h - a).div_ceil(g.s), (g.w - b).div_ceil(g.s));
+        let shifts = taps.iter().map(|t| ((t.2 + lo as isize) as usize, (t.3 + lo as isize) as usize)).collect();
+        let src = PhaseDy { data: &data, co: g.co, hp, wp, grid: [hu, wv], shifts };
+        // W_ab [(tap, co) x ci]: the phase's taps of W, transposed.
+        let k = taps.len() * g.co;
+        let mut wab = vec![0f32; k * g.ci];
+        for (t, &(i, j, _, _)) in taps.iter().enumerate() {
+            for o in 0..g.co {
+                for c in 0..g.ci {
+                    wab[(t * g.co + o) * g.ci + c] = w[((o * g.ci + c) * g.kh + i) * g.kw + j];
+                }
+            }
+        }
+        let packed = Packed::new(kern.nr, &Matrix { data: &wab, lane_stride: 1, k_stride: g.ci }, g.ci, k);
+        work.push((*a, *b, hu, wv, k, src, packed));
+    }
+    let tasks: Vec<(usize, usize)> = work
+        .iter()
+        .enumerate()
+        .flat_map(|(ph, wk)| (0..(g.n * wk.2 * wk.3).div_ceil(PHASE_TASK_ROWS)).map(move |t| (ph, t)))
+        .collect();
+    tasks.into_par_iter().for_each(|(ph, t)| {
+        let (a, b, hu, wv, k, src, packed) = &work[ph];
+        let rows = t * PHASE_TASK_ROWS..((t + 1) * PHASE_TASK_ROWS).min(g.n * hu * wv);
+        let m = rows.len();
+        with_scratch([m * g.ci], |[tmp]| {
+            let sink = RowsFrom { inner: Dense::new(tmp, g.ci), first: rows.start };
+            gemm::gemm_arows(kern, rows.clone(), 0..g.ci, *k, src, packed, &sink);
+            out.put_phase(rows.start, m, g.ci, tmp, [*hu, *wv], [g.s, *a, *b], g.w);
         });
     });
     flex(dx, [g.n, g.ci, g.h, g.w])
 }
 
-/// A sink whose column 0 is column `first` of the product.
-struct ColumnsFrom<S> {
+/// Phase positions per task of [`input_grad_strided`].
+const PHASE_TASK_ROWS: usize = 256;
+
+/// A sink whose row 0 is row `first` of the product.
+struct RowsFrom<S> {
     inner: S,
     first: usize,
 }
 
-impl<S: Store> Store for ColumnsFrom<S> {
-    fn store(
-        &self,
-        m0: usize,
-        mlen: usize,
-        n0: usize,
-        nlen: usize,
-        tile: &[f32],
-        nr: usize,
-        overwrite: bool,
-    ) {
-        self.inner.store(m0, mlen, n0 - self.first, nlen, tile, nr, overwrite);
-    }
-}
-
-/// The valid output columns `lo..hi` for kernel column `j` and the input column of `lo`.
-fn valid_columns(g: &Geometry, j: usize) -> (usize, usize) {
-    // iw = ow * s + j - p must lie in 0..w.
-    let lo = g.p.saturating_sub(j).div_ceil(g.s);
-    let hi = if g.w + g.p > j { ((g.w + g.p - j - 1) / g.s + 1).min(g.wo) } else { 0 };
-    (lo, hi.max(lo))
-}
-
-/// The adjoint of [`im2col`] for image `img` of a group of `images`: adds each column entry
-/// back into its input position of `dx` (that image's gradient).
-fn col2im(col: &[f32], g: &Geometry, images: usize, img: usize, dx: &mut [f32]) {
-    let (pos, plane) = (g.positions(), g.h * g.w);
-    let cols = images * pos;
-    {
-        for c in 0..g.ci {
-            let dst = &mut dx[c * plane..][..plane];
-            for i in 0..g.kh {
-                for j in 0..g.kw {
-                    let r = (c * g.kh + i) * g.kw + j;
-                    let row = &col[r * cols + img * pos..][..pos];
-                    let (lo, hi) = valid_columns(g, j);
-                    for oh in 0..g.ho {
-                        let ih = (oh * g.s + i).wrapping_sub(g.p);
-                        if ih >= g.h {
-                            continue;
-                        }
-                        let src = &row[oh * g.wo..][..g.wo];
-                        let line = &mut dst[ih * g.w..(ih + 1) * g.w];
-                        let iw0 = lo * g.s + j - g.p;
-                        if g.s == 1 {
-                            line[iw0..iw0 + (hi - lo)]
-                                .iter_mut()
-                                .zip(&src[lo..hi])
-                                .for_each(|(d, v)| *d += v);
-                        } else {
-                            for (d, v) in line[iw0..].iter_mut().step_by(g.s).zip(&src[lo..hi]) {
-                                *d += v;
-                            }
-                        }
-                    }
-                }
-            }
-        }
+impl<S: Store> Store for RowsFrom<S> {
+    fn store(&self, m0: usize, mlen: usize, n0: usize, nlen: usize, tile: &[f32], nr: usize, overwrite: bool) {
+        self.inner.store(m0 - self.first, mlen, n0, nlen, tile, nr, overwrite);
     }
 }

@@ -27,10 +27,14 @@ pub(crate) struct Kernel {
     /// The same with B read in place: row k of the panel is `b0[offs[k]..][..nr / 2]` then
     /// `b1[offs[k]..][..nr / 2]`. SAFETY contract: as `run`, and every such read is in bounds.
     indirect: IndirectFn,
+    /// The same with A read in place and B packed: `a[k * mr + r]` is
+    /// `src[rows[r] + offs[k]]`. SAFETY contract: as `run`, and every such read is in bounds.
+    arows: ArowsFn,
     pub name: &'static str,
 }
 
 type IndirectFn = unsafe fn(usize, *const f32, *const f32, *const f32, *const usize, *mut f32);
+type ArowsFn = unsafe fn(usize, *const f32, *const usize, *const usize, *const f32, *mut f32);
 
 /// The widest microkernel this CPU runs.
 pub(crate) fn kernel() -> Kernel {
@@ -44,6 +48,7 @@ pub(crate) fn kernel() -> Kernel {
                     nr: 32,
                     run: x86::avx512_8x32,
                     indirect: x86::avx512_8x32_indirect,
+                    arows: x86::avx512_8x32_arows,
                     name: "avx512",
                 };
             }
@@ -53,6 +58,7 @@ pub(crate) fn kernel() -> Kernel {
                     nr: 16,
                     run: x86::avx2_6x16,
                     indirect: x86::avx2_6x16_indirect,
+                    arows: x86::avx2_6x16_arows,
                     name: "avx2",
                 };
             }
@@ -63,7 +69,7 @@ pub(crate) fn kernel() -> Kernel {
 
 /// The portable microkernel (any CPU; the reference the others are tested against).
 pub(crate) fn portable() -> Kernel {
-    Kernel { mr: 4, nr: 8, run: portable_4x8, indirect: portable_4x8_indirect, name: "portable" }
+    Kernel { mr: 4, nr: 8, run: portable_4x8, indirect: portable_4x8_indirect, arows: portable_4x8_arows, name: "portable" }
 }
 
 /// Writes panels of the A (rows) or B (columns) operand.
@@ -100,8 +106,10 @@ pub(crate) trait Store: Sync {
     fn store(&self, m0: usize, mlen: usize, n0: usize, nlen: usize, tile: &[f32], nr: usize, overwrite: bool);
 }
 
-/// C[rows, cols] = (C +) A[rows, ks] . B[ks, cols] on the calling thread: reduction blocks of
+/// C[rows, cols] = (C +) A[rows, ks] . B[ks, cols] on the calling thread, both operands packed
+/// (the reference path the tests check every kernel with): reduction blocks of
 /// [`KC`] from `ks.start`; `accumulate` adds to C instead of overwriting it with the first block.
+#[cfg(test)]
 pub(crate) fn gemm(
     kern: Kernel,
     rows: std::ops::Range<usize>,
@@ -155,30 +163,30 @@ pub(crate) fn gemm(
     });
 }
 
-/// The A operand packed once, every reduction block, for many [`gemm_indirect`] calls.
-pub(crate) struct PackedA {
+/// An operand packed once, every reduction block, in panels of `width` lanes (`mr` for A,
+/// `nr` for B), for many products.
+pub(crate) struct Packed {
     data: Vec<f32>,
-    mr: usize,
-    m: usize,
-    k: usize,
+    width: usize,
+    lanes: usize,
 }
 
-impl PackedA {
-    pub(crate) fn new(kern: Kernel, a: &impl Pack, m: usize, k: usize) -> Self {
-        let (mr, mp) = (kern.mr, m.div_ceil(kern.mr));
+impl Packed {
+    pub(crate) fn new(width: usize, src: &impl Pack, lanes: usize, k: usize) -> Self {
+        let np = lanes.div_ceil(width);
         let blocks = k.div_ceil(KC);
-        let mut data = vec![0f32; blocks * mp * mr * KC];
+        let mut data = vec![0f32; blocks * np * width * KC];
         for q in 0..blocks {
             let (k0, kc) = (q * KC, KC.min(k - q * KC));
-            a.pack(0, m, mr, k0, kc, &mut data[q * mp * mr * KC..][..mp * mr * kc]);
+            src.pack(0, lanes, width, k0, kc, &mut data[q * np * width * KC..][..np * width * kc]);
         }
-        Self { data, mr, m, k }
+        Self { data, width, lanes }
     }
 
     /// Panel `ip` of reduction block `q` (`kc` long).
     fn panel(&self, q: usize, ip: usize, kc: usize) -> &[f32] {
-        let mp = self.m.div_ceil(self.mr);
-        &self.data[q * mp * self.mr * KC + ip * self.mr * kc..][..self.mr * kc]
+        let np = self.lanes.div_ceil(self.width);
+        &self.data[q * np * self.width * KC + ip * self.width * kc..][..self.width * kc]
     }
 }
 
@@ -195,8 +203,8 @@ pub(crate) trait Indirect: Sync {
 
 /// Where the A operand comes from.
 pub(crate) enum A<'a> {
-    /// Packed once ([`PackedA`]); the reduction must be `0..k`.
-    Prepacked(&'a PackedA),
+    /// Packed once ([`Packed`], `mr` wide); the reduction must be `0..k`.
+    Prepacked(&'a Packed),
     /// Packed block by block (MC rows x KC) as the product goes.
     Packer(&'a dyn Pack),
 }
@@ -292,6 +300,67 @@ pub(crate) fn gemm_indirect(
     });
 }
 
+/// An A operand read in place: row `r`, reduction index `k` at `data[row(r) + offset(k)]`.
+pub(crate) trait RowsInPlace: Sync {
+    fn data(&self) -> &[f32];
+    fn row(&self, r: usize) -> usize;
+    /// `out[kk]` = the offset of reduction index `k0 + kk`.
+    fn offsets(&self, k0: usize, kc: usize, out: &mut [usize]);
+}
+
+/// C[rows, cols] = A[rows, 0..k] . B[0..k, cols] with A read in place and B prepacked (`nr`
+/// wide). Rows past the end of A's rows repeat its last row (computed, never stored). One
+/// thread.
+pub(crate) fn gemm_arows(
+    kern: Kernel,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    k: usize,
+    a: &impl RowsInPlace,
+    b: &Packed,
+    c: &impl Store,
+) {
+    let (mr, nr) = (kern.mr, kern.nr);
+    debug_assert_eq!(b.width, nr);
+    if rows.is_empty() || cols.is_empty() {
+        return;
+    }
+    let data = a.data();
+    let mut offs = vec![0usize; KC];
+    let mut row_offs = vec![0usize; mr];
+    super::with_scratch([mr * nr], |[tile]| {
+        for q in 0..k.div_ceil(KC) {
+            let (k0, kc) = (q * KC, KC.min(k - q * KC));
+            a.offsets(k0, kc, &mut offs[..kc]);
+            let reach = offs[..kc].iter().copied().max().unwrap_or(0);
+            let mut m0 = rows.start;
+            while m0 < rows.end {
+                let mlen = mr.min(rows.end - m0);
+                for (r, o) in row_offs.iter_mut().enumerate() {
+                    *o = a.row(m0 + r.min(mlen - 1));
+                }
+                let top = row_offs.iter().copied().max().unwrap_or(0);
+                // Every read src[row + offset] stays inside the data (checked once per panel).
+                assert!(top + reach < data.len(), "conv GEMM: an in-place operand reads past its end");
+                let mut n0 = cols.start;
+                while n0 < cols.end {
+                    let nlen = nr.min(cols.end - n0);
+                    let bpanel = b.panel(q, n0 / nr, kc);
+                    // SAFETY: the B panel holds kc * nr values, the tile mr * nr; every A read
+                    // is below data.len() (asserted above); `kernel()` chose a kernel this CPU
+                    // runs.
+                    unsafe {
+                        (kern.arows)(kc, data.as_ptr(), row_offs.as_ptr(), offs.as_ptr(), bpanel.as_ptr(), tile.as_mut_ptr())
+                    };
+                    c.store(m0, mlen, n0, nlen, tile, nr, q == 0);
+                    n0 += nlen;
+                }
+                m0 += mlen;
+            }
+        }
+    });
+}
+
 /// # Safety
 /// See [`Kernel::run`].
 unsafe fn portable_4x8(kc: usize, a: *const f32, b: *const f32, tile: *mut f32) {
@@ -342,6 +411,31 @@ unsafe fn portable_4x8_indirect(
             for j in 0..NR / 2 {
                 acc[r][j] += ak[r] * lo[j];
                 acc[r][NR / 2 + j] += ak[r] * hi[j];
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        // SAFETY: the tile holds MR * NR values.
+        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), tile.add(r * NR), NR) };
+    }
+}
+
+/// # Safety
+/// See [`Kernel::arows`].
+unsafe fn portable_4x8_arows(kc: usize, src: *const f32, rows: *const usize, offs: *const usize, b: *const f32, tile: *mut f32) {
+    const MR: usize = 4;
+    const NR: usize = 8;
+    let mut acc = [[0f32; NR]; MR];
+    // SAFETY: the caller passes mr row offsets.
+    let rows = unsafe { std::slice::from_raw_parts(rows, MR) };
+    for k in 0..kc {
+        // SAFETY: k < kc, and the caller checked every read against the source's bounds.
+        let (o, bk) = unsafe { (*offs.add(k), std::slice::from_raw_parts(b.add(k * NR), NR)) };
+        for r in 0..MR {
+            // SAFETY: as above.
+            let av = unsafe { *src.add(rows[r] + o) };
+            for j in 0..NR {
+                acc[r][j] += av * bk[j];
             }
         }
     }
@@ -412,6 +506,78 @@ mod x86 {
             unsafe {
                 _mm512_storeu_ps(tile.add(r * 32), row[0]);
                 _mm512_storeu_ps(tile.add(r * 32 + 16), row[1]);
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F, and [`super::Kernel::arows`]'s contract with mr = 8, nr = 32.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn avx512_8x32_arows(
+        kc: usize,
+        src: *const f32,
+        rows: *const usize,
+        offs: *const usize,
+        b: *const f32,
+        tile: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+        // SAFETY: the caller passes 8 row offsets.
+        let p: [*const f32; 8] = std::array::from_fn(|r| unsafe { src.add(*rows.add(r)) });
+        for k in 0..kc {
+            // SAFETY: k < kc, and the caller checked every read against the source's bounds.
+            unsafe {
+                let o = *offs.add(k);
+                let bk = b.add(k * 32);
+                let (b0, b1) = (_mm512_loadu_ps(bk), _mm512_loadu_ps(bk.add(16)));
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*p[r].add(o));
+                    row[0] = _mm512_fmadd_ps(av, b0, row[0]);
+                    row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            // SAFETY: the tile holds 8 x 32 values.
+            unsafe {
+                _mm512_storeu_ps(tile.add(r * 32), row[0]);
+                _mm512_storeu_ps(tile.add(r * 32 + 16), row[1]);
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA, and [`super::Kernel::arows`]'s contract with mr = 6, nr = 16.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2_6x16_arows(
+        kc: usize,
+        src: *const f32,
+        rows: *const usize,
+        offs: *const usize,
+        b: *const f32,
+        tile: *mut f32,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+        // SAFETY: the caller passes 6 row offsets.
+        let p: [*const f32; 6] = std::array::from_fn(|r| unsafe { src.add(*rows.add(r)) });
+        for k in 0..kc {
+            // SAFETY: k < kc, and the caller checked every read against the source's bounds.
+            unsafe {
+                let o = *offs.add(k);
+                let bk = b.add(k * 16);
+                let (b0, b1) = (_mm256_loadu_ps(bk), _mm256_loadu_ps(bk.add(8)));
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*p[r].add(o));
+                    row[0] = _mm256_fmadd_ps(av, b0, row[0]);
+                    row[1] = _mm256_fmadd_ps(av, b1, row[1]);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            // SAFETY: the tile holds 6 x 16 values.
+            unsafe {
+                _mm256_storeu_ps(tile.add(r * 16), row[0]);
+                _mm256_storeu_ps(tile.add(r * 16 + 8), row[1]);
             }
         }
     }

@@ -120,6 +120,35 @@ impl Pack for DyRows<'_> {
     }
 }
 
+/// An NCHW tensor zero-padded by `lo` rows/columns before and `hi` after, channels-last:
+/// `[image][hp][wp][c]`; returns it with `hp` and `wp`.
+pub(crate) fn channels_last(x: &[f32], [n, c, h, w]: [usize; 4], lo: usize, hi: usize) -> (Vec<f32>, usize, usize) {
+    use rayon::prelude::*;
+    let (hp, wp) = (h + lo + hi, w + lo + hi);
+    let mut data = vec![0f32; n * hp * wp * c];
+    let plane = h * w;
+    if !data.is_empty() && plane > 0 {
+        data.par_chunks_mut(hp * wp * c).zip(x.par_chunks(c * plane)).for_each(|(dst, src)| {
+            // Blocks of 8 channels x 8 columns: reads and writes both in runs of 8.
+            for ih in 0..h {
+                let row = &mut dst[((ih + lo) * wp + lo) * c..][..w * c];
+                for c0 in (0..c).step_by(8) {
+                    for iw0 in (0..w).step_by(8) {
+                        let wn = 8.min(w - iw0);
+                        for ch in c0..(c0 + 8).min(c) {
+                            let line = &src[ch * plane + ih * w + iw0..][..wn];
+                            for (t, v) in line.iter().enumerate() {
+                                row[(iw0 + t) * c + ch] = *v;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+    (data, hp, wp)
+}
+
 /// `x` zero-padded and channels-last, `[image][hp][wp][ci]`, the B operand of the
 /// weight-gradient GEMM read in place. Its im2col rows are ordered (kernel row, kernel column,
 /// channel) (`im2col'`), so 16 or 32 consecutive rows at one output position are contiguous:
@@ -133,22 +162,7 @@ pub(crate) struct PaddedCl {
 
 impl PaddedCl {
     pub(crate) fn new(x: &[f32], g: Geometry) -> Self {
-        use rayon::prelude::*;
-        let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
-        let mut data = vec![0f32; g.n * hp * wp * g.ci];
-        let plane = g.h * g.w;
-        if !data.is_empty() {
-            data.par_chunks_mut(hp * wp * g.ci).zip(x.par_chunks(g.ci * plane)).for_each(|(dst, src)| {
-                for ih in 0..g.h {
-                    for iw in 0..g.w {
-                        let at = ((ih + g.p) * wp + iw + g.p) * g.ci;
-                        for (c, d) in dst[at..at + g.ci].iter_mut().enumerate() {
-                            *d = src[c * plane + ih * g.w + iw];
-                        }
-                    }
-                }
-            });
-        }
+        let (data, hp, wp) = channels_last(x, [g.n, g.ci, g.h, g.w], g.p, g.p);
         Self { data, g, hp, wp }
     }
 
@@ -184,6 +198,22 @@ impl super::gemm::Indirect for PaddedCl {
     }
 }
 
+/// As the A operand of the forward GEMM in columns-by-channels form (Y^T = im2col'(x) .
+/// W'^T): rows are columns, the reduction runs over im2col' rows.
+impl super::gemm::RowsInPlace for PaddedCl {
+    fn data(&self) -> &[f32] {
+        &self.data
+    }
+    fn row(&self, r: usize) -> usize {
+        self.column(r)
+    }
+    fn offsets(&self, k0: usize, kc: usize, out: &mut [usize]) {
+        for (kk, o) in out[..kc].iter_mut().enumerate() {
+            *o = self.tap(k0 + kk);
+        }
+    }
+}
+
 impl Pack for PaddedCl {
     fn pack(&self, t0: usize, len: usize, width: usize, c0: usize, kc: usize, out: &mut [f32]) {
         let taps: Vec<usize> = (0..len).map(|l| self.tap(t0 + l)).collect();
@@ -191,56 +221,6 @@ impl Pack for PaddedCl {
             let col = self.column(c0 + kk);
             for (l, t) in taps.iter().enumerate() {
                 out[slot(l, kk, width, kc)] = self.data[col + t];
-            }
-        }
-        zero_padding(len, width, kc, out);
-    }
-}
-
-/// The output gradient dY as a (channels x columns) matrix, the B operand of the strided input
-/// gradient (col(dX) = W^T . dY), read in place where a panel half stays in one image.
-pub(crate) struct DyInPlace<'a> {
-    pub dy: &'a [f32],
-    pub g: Geometry,
-}
-
-impl super::gemm::Indirect for DyInPlace<'_> {
-    fn data(&self) -> &[f32] {
-        self.dy
-    }
-    fn offsets(&self, k0: usize, kc: usize, out: &mut [usize]) {
-        let pos = self.g.positions();
-        for (kk, o) in out[..kc].iter_mut().enumerate() {
-            *o = (k0 + kk) * pos;
-        }
-    }
-    fn bases(&self, n0: usize, half: usize) -> Option<(usize, usize)> {
-        let pos = self.g.positions();
-        let base = |col: usize| {
-            let (image, p) = (col / pos, col % pos);
-            (p + half <= pos).then_some(image * self.g.co * pos + p)
-        };
-        Some((base(n0)?, base(n0 + half)?))
-    }
-}
-
-/// dY as a (channels x columns) matrix packed panel by panel (where [`DyInPlace`] cannot read
-/// a panel in place): lanes are columns, the reduction runs over channels.
-pub(crate) struct DyCols<'a> {
-    pub dy: &'a [f32],
-    pub g: Geometry,
-}
-
-impl Pack for DyCols<'_> {
-    fn pack(&self, c0: usize, len: usize, width: usize, k0: usize, kc: usize, out: &mut [f32]) {
-        let pos = self.g.positions();
-        let rs = runs(&self.g, c0, len, width, false);
-        for kk in 0..kc {
-            for r in &rs {
-                let p = r.oh * self.g.wo + r.ow;
-                let src = &self.dy[(r.image * self.g.co + k0 + kk) * pos + p..][..r.len];
-                let at = slot(r.at, kk, width, kc);
-                out[at..at + r.len].copy_from_slice(src);
             }
         }
         zero_padding(len, width, kc, out);
@@ -265,6 +245,52 @@ impl<'a> Nchw<'a> {
         // SAFETY: UnsafeCell<f32> has the layout of f32; the exclusive borrow lasts for 'a.
         let cells = unsafe { std::slice::from_raw_parts(data.as_mut_ptr().cast::<UnsafeCell<f32>>(), len) };
         Self { cells, channels, positions }
+    }
+}
+
+impl Nchw<'_> {
+    /// Writes `t`, a (columns `m0..m0 + mlen`) x (channels `n0..n0 + nlen`) block in row-major
+    /// order, transposed into the tensor.
+    pub(crate) fn put_transposed(&self, m0: usize, mlen: usize, n0: usize, nlen: usize, t: &[f32]) {
+        let pos = self.positions;
+        let mut at = 0;
+        while at < mlen {
+            let col = m0 + at;
+            let (image, p) = (col / pos, col % pos);
+            let n = (pos - p).min(mlen - at);
+            for j in 0..nlen {
+                let start = (image * self.channels + n0 + j) * pos + p;
+                let cells = &self.cells[start..start + n];
+                // SAFETY: these cells belong to this block alone (see `Sync`), and an
+                // UnsafeCell<f32> slice has the layout of an f32 slice.
+                let dst = unsafe { std::slice::from_raw_parts_mut(UnsafeCell::raw_get(cells.as_ptr()), n) };
+                for (t_, d) in dst.iter_mut().enumerate() {
+                    *d = t[(at + t_) * nlen + j];
+                }
+            }
+            at += n;
+        }
+    }
+}
+
+impl Nchw<'_> {
+    /// [`Nchw::put_transposed`] for the positions of phase (`a`, `b`) of a stride-`s` grid:
+    /// column `col` of `t` is (image, u, v) of a `hu` x `wv` grid, written at row `s u + a`,
+    /// column `s v + b` of a tensor `w` columns wide.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn put_phase(&self, m0: usize, mlen: usize, nlen: usize, t: &[f32], [hu, wv]: [usize; 2], [s, a, b]: [usize; 3], w: usize) {
+        let pos = self.positions;
+        for at in 0..mlen {
+            let col = m0 + at;
+            let (image, uv) = (col / (hu * wv), col % (hu * wv));
+            let (u, v) = (uv / wv, uv % wv);
+            let p = (s * u + a) * w + s * v + b;
+            for j in 0..nlen {
+                let cell = &self.cells[(image * self.channels + j) * pos + p];
+                // SAFETY: each phase position belongs to one task of one phase (see `Sync`).
+                unsafe { *cell.get() = t[at * nlen + j] };
+            }
+        }
     }
 }
 
@@ -352,5 +378,37 @@ impl super::gemm::Indirect for Padded {
             (ow + half <= self.g.wo).then(|| image * self.g.ci * self.hp * self.wp + oh * self.wp + ow)
         };
         Some((base(n0)?, base(n0 + half)?))
+    }
+}
+
+/// dY padded and channels-last as the A operand of one phase of the strided input gradient:
+/// rows are the phase's positions (image, u, v), the reduction runs over (tap, channel) with
+/// tap `t` reading dY at (u + di[t], v + dj[t]).
+pub(crate) struct PhaseDy<'a> {
+    pub data: &'a [f32],
+    pub co: usize,
+    pub hp: usize,
+    pub wp: usize,
+    /// The phase grid, `hu` x `wv` positions per image.
+    pub grid: [usize; 2],
+    /// Per tap, the row and column shift plus the padding before (never negative).
+    pub shifts: Vec<(usize, usize)>,
+}
+
+impl super::gemm::RowsInPlace for PhaseDy<'_> {
+    fn data(&self) -> &[f32] {
+        self.data
+    }
+    fn row(&self, r: usize) -> usize {
+        let [hu, wv] = self.grid;
+        let (image, uv) = (r / (hu * wv), r % (hu * wv));
+        ((image * self.hp + uv / wv) * self.wp + uv % wv) * self.co
+    }
+    fn offsets(&self, k0: usize, kc: usize, out: &mut [usize]) {
+        for (kk, o) in out[..kc].iter_mut().enumerate() {
+            let (t, c) = ((k0 + kk) / self.co, (k0 + kk) % self.co);
+            let (di, dj) = self.shifts[t];
+            *o = (di * self.wp + dj) * self.co + c;
+        }
     }
 }
