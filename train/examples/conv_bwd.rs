@@ -7,7 +7,10 @@ fn main() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let (ci, side, co, s) = (args[0], args[1], args[2], args[3]);
     let n = 256;
-    let x = TensorData::new((0..n * ci * side * side).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<_>>(), [n, ci, side, side]);
+    let x = TensorData::new(
+        (0..n * ci * side * side).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<_>>(),
+        [n, ci, side, side],
+    );
     let w = TensorData::new(vec![0.01f32; co * ci * 9], [co, ci, 3, 3]);
     let d = Default::default();
     for _ in 0..4 {

@@ -254,10 +254,17 @@ impl<const N: usize> Backward<Flex, N> for BnBackward {
                 mean[ch] = s.mean[ch] as f32;
             }
             let len = dyd.len();
-            let mut dx = if want_x { vec![0f32; len] } else { Vec::new() };
-            let mut dres = if want_res { vec![0f32; len] } else { Vec::new() };
+            // Gradients x or the residual already have (their other uses) are added to in the
+            // parallel pass below, not by burn on one thread.
+            let (base_x, base_res) = (
+                want(0).and_then(|n| super::take_grad!(grads, n, len)),
+                want(3).filter(|_| want_res).and_then(|n| super::take_grad!(grads, n, len)),
+            );
+            let add = (base_x.is_some(), base_res.is_some());
+            let mut dx = if want_x { base_x.unwrap_or_else(|| vec![0f32; len]) } else { Vec::new() };
+            let mut dres = if want_res { base_res.unwrap_or_else(|| vec![0f32; len]) } else { Vec::new() };
             let per = c * geo.r;
-            let consts = Consts { a: &a, k0: &k0, k1: &k1, mean: &mean, r: geo.r };
+            let consts = Consts { a: &a, k0: &k0, k1: &k1, mean: &mean, r: geo.r, add };
             let run = |i: usize, dxo: &mut [f32], dro: &mut [f32]| {
                 let span = i * per..(i + 1) * per;
                 let y = yd.map(|y| &y[span.clone()]);
@@ -286,6 +293,8 @@ impl<const N: usize> Backward<Flex, N> for BnBackward {
 
 /// Per-channel constants of the input gradient.
 struct Consts<'a> {
+    /// Add to dx, to dres (instead of writing).
+    add: (bool, bool),
     a: &'a [f32],
     k0: &'a [f32],
     k1: &'a [f32],
@@ -298,7 +307,7 @@ struct Consts<'a> {
 fn input_grad(dy: &[f32], y: Option<&[f32]>, x: &[f32], dx: &mut [f32], dres: &mut [f32], k: &Consts) {
     let r = k.r;
     if r == 1 {
-        return input_grad_row(dy, y.unwrap_or(&[]), x, dx, dres, k.a, k.k0, k.k1, k.mean);
+        return input_grad_row(dy, y.unwrap_or(&[]), x, dx, dres, k.a, k.k0, k.k1, k.mean, k.add.0, k.add.1);
     }
     for ch in 0..k.a.len() {
         let span = ch * r..(ch + 1) * r;
@@ -311,10 +320,9 @@ fn input_grad(dy: &[f32], y: Option<&[f32]>, x: &[f32], dx: &mut [f32], dres: &m
             &x[span],
             dxc,
             drc,
-            k.a[ch],
-            k.k0[ch],
-            k.k1[ch],
-            k.mean[ch],
+            [k.a[ch], k.k0[ch], k.k1[ch], k.mean[ch]],
+            k.add.0,
+            k.add.1,
         );
     }
 }
@@ -331,15 +339,18 @@ fn masked(dy: f32, y: &[f32], j: usize) -> f32 {
 
 multiversion! {
     #[allow(clippy::too_many_arguments)]
-    fn input_grad_channel(dy: &[f32], y: &[f32], x: &[f32], dx: &mut [f32], dres: &mut [f32], a: f32, k0: f32, k1: f32, mean: f32) {
+    fn input_grad_channel(dy: &[f32], y: &[f32], x: &[f32], dx: &mut [f32], dres: &mut [f32], k: [f32; 4], add_x: bool, add_res: bool) {
+        let [a, k0, k1, mean] = k;
         if !dx.is_empty() {
             for j in 0..dy.len() {
-                dx[j] = a * masked(dy[j], y, j) - (k1 * (x[j] - mean) + k0);
+                let v = a * masked(dy[j], y, j) - (k1 * (x[j] - mean) + k0);
+                dx[j] = if add_x { dx[j] + v } else { v };
             }
         }
         if !dres.is_empty() {
             for j in 0..dy.len() {
-                dres[j] = masked(dy[j], y, j);
+                let v = masked(dy[j], y, j);
+                dres[j] = if add_res { dres[j] + v } else { v };
             }
         }
     }
@@ -348,15 +359,17 @@ multiversion! {
 multiversion! {
     /// [`input_grad_channel`] for one row of a 2-D input: channel j is element j.
     #[allow(clippy::too_many_arguments)]
-    fn input_grad_row(dy: &[f32], y: &[f32], x: &[f32], dx: &mut [f32], dres: &mut [f32], a: &[f32], k0: &[f32], k1: &[f32], mean: &[f32]) {
+    fn input_grad_row(dy: &[f32], y: &[f32], x: &[f32], dx: &mut [f32], dres: &mut [f32], a: &[f32], k0: &[f32], k1: &[f32], mean: &[f32], add_x: bool, add_res: bool) {
         if !dx.is_empty() {
             for j in 0..dy.len() {
-                dx[j] = a[j] * masked(dy[j], y, j) - (k1[j] * (x[j] - mean[j]) + k0[j]);
+                let v = a[j] * masked(dy[j], y, j) - (k1[j] * (x[j] - mean[j]) + k0[j]);
+                dx[j] = if add_x { dx[j] + v } else { v };
             }
         }
         if !dres.is_empty() {
             for j in 0..dy.len() {
-                dres[j] = masked(dy[j], y, j);
+                let v = masked(dy[j], y, j);
+                dres[j] = if add_res { dres[j] + v } else { v };
             }
         }
     }
@@ -540,7 +553,10 @@ mod tests {
             y
         };
         let weights = Tensor::<AdFlex, D>::from_data(random(dims, 4), &device);
-        let grads = (y.clone() * weights).sum().backward();
+        // x and the residual are used twice: their gradients from BatchNorm add to the others.
+        let grads =
+            ((y.clone() * weights).sum() + (x.clone() * x.clone()).sum() + (r.clone() * r.clone()).sum())
+                .backward();
         let mut out = vec![vec(y.inner()), vec(x.grad(&grads).expect("x grad"))];
         out.push(vec(bn.weight.val().grad(&grads).expect("gamma grad")));
         if let Some(b) = &bn.bias {
@@ -556,6 +572,7 @@ mod tests {
 
     #[test]
     fn fused_batch_norm_matches_tensor_ops_forward_and_backward() {
+        let before = super::super::ACCUMULATED.with(|n| n.get());
         for (beta, residual, relu) in [
             (true, false, false),
             (true, false, true),
@@ -590,6 +607,7 @@ mod tests {
                 close(a, b, &format!("2-D {case} output {k}"));
             }
         }
+        assert!(super::super::ACCUMULATED.with(|n| n.get()) > before, "no gradient was accumulated in place");
     }
 
     #[test]

@@ -86,9 +86,10 @@ pub(crate) fn weight_grad(x: &FlexTensor, dy: &FlexTensor, geo: &Geometry) -> Fl
 /// convolution): the input positions (s u + a, s v + b) of phase (a, b) receive only the taps
 /// i = a + p (mod s), j = b + p (mod s), each from dY at (u + (a + p - i) / s, v + ...), so each
 /// phase is one product dX_ab^T = dY'_ab . W_ab read in place from a padded channels-last copy
-/// of dY: no column buffer and no scatter-add. Positions of a phase with no taps stay 0.
-pub(crate) fn input_grad_strided(w: &[f32], dy: &[f32], g: Geometry) -> FlexTensor {
-    let mut dx = vec![0f32; g.n * g.ci * g.h * g.w];
+/// of dY: no column buffer and no scatter-add. Positions of a phase with no taps keep `base` (or 0).
+pub(crate) fn input_grad_strided(w: &[f32], dy: &[f32], g: Geometry, base: Option<Vec<f32>>) -> FlexTensor {
+    let adding = base.is_some();
+    let mut dx = base.unwrap_or_else(|| vec![0f32; g.n * g.ci * g.h * g.w]);
     if dx.is_empty() {
         return flex(dx, [g.n, g.ci, g.h, g.w]);
     }
@@ -112,16 +113,21 @@ pub(crate) fn input_grad_strided(w: &[f32], dy: &[f32], g: Geometry) -> FlexTens
         }
     }
     // One padded copy of dY serves every phase: enough rows before and after for every shift.
-    let lo = phases.iter().flat_map(|(_, _, t)| t.iter().flat_map(|x| [-x.2, -x.3])).max().unwrap_or(0).max(0) as usize;
+    let lo = phases.iter().flat_map(|(_, _, t)| t.iter().flat_map(|x| [-x.2, -x.3])).max().unwrap_or(0).max(0)
+        as usize;
     let (hu_max, wv_max) = (g.h.div_ceil(g.s), g.w.div_ceil(g.s));
-    let reach = phases.iter().flat_map(|(_, _, t)| t.iter().flat_map(|x| [x.2, x.3])).max().unwrap_or(0).max(0) as usize;
+    let reach =
+        phases.iter().flat_map(|(_, _, t)| t.iter().flat_map(|x| [x.2, x.3])).max().unwrap_or(0).max(0)
+            as usize;
     let hi = (hu_max.max(wv_max) + reach).saturating_sub(g.ho.min(g.wo));
     let (data, hp, wp) = channels_last(dy, [g.n, g.co, g.ho, g.wo], lo, hi);
-    let out = Nchw::new(&mut dx, g.ci, g.h * g.w);
+    let out =
+        if adding { Nchw::adding(&mut dx, g.ci, g.h * g.w) } else { Nchw::new(&mut dx, g.ci, g.h * g.w) };
     let mut work = Vec::new();
     for (a, b, taps) in &phases {
         let (hu, wv) = ((g.h - a).div_ceil(g.s), (g.w - b).div_ceil(g.s));
-        let shifts = taps.iter().map(|t| ((t.2 + lo as isize) as usize, (t.3 + lo as isize) as usize)).collect();
+        let shifts =
+            taps.iter().map(|t| ((t.2 + lo as isize) as usize, (t.3 + lo as isize) as usize)).collect();
         let src = PhaseDy { data: &data, co: g.co, hp, wp, grid: [hu, wv], shifts };
         // W_ab [(tap, co) x ci]: the phase's taps of W, transposed.
         let k = taps.len() * g.co;
@@ -164,7 +170,16 @@ struct RowsFrom<S> {
 }
 
 impl<S: Store> Store for RowsFrom<S> {
-    fn store(&self, m0: usize, mlen: usize, n0: usize, nlen: usize, tile: &[f32], nr: usize, overwrite: bool) {
+    fn store(
+        &self,
+        m0: usize,
+        mlen: usize,
+        n0: usize,
+        nlen: usize,
+        tile: &[f32],
+        nr: usize,
+        overwrite: bool,
+    ) {
         self.inner.store(m0 - self.first, mlen, n0, nlen, tile, nr, overwrite);
     }
 }

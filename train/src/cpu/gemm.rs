@@ -69,7 +69,14 @@ pub(crate) fn kernel() -> Kernel {
 
 /// The portable microkernel (any CPU; the reference the others are tested against).
 pub(crate) fn portable() -> Kernel {
-    Kernel { mr: 4, nr: 8, run: portable_4x8, indirect: portable_4x8_indirect, arows: portable_4x8_arows, name: "portable" }
+    Kernel {
+        mr: 4,
+        nr: 8,
+        run: portable_4x8,
+        indirect: portable_4x8_indirect,
+        arows: portable_4x8_arows,
+        name: "portable",
+    }
 }
 
 /// Writes panels of the A (rows) or B (columns) operand.
@@ -350,7 +357,14 @@ pub(crate) fn gemm_arows(
                     // is below data.len() (asserted above); `kernel()` chose a kernel this CPU
                     // runs.
                     unsafe {
-                        (kern.arows)(kc, data.as_ptr(), row_offs.as_ptr(), offs.as_ptr(), bpanel.as_ptr(), tile.as_mut_ptr())
+                        (kern.arows)(
+                            kc,
+                            data.as_ptr(),
+                            row_offs.as_ptr(),
+                            offs.as_ptr(),
+                            bpanel.as_ptr(),
+                            tile.as_mut_ptr(),
+                        )
                     };
                     c.store(m0, mlen, n0, nlen, tile, nr, q == 0);
                     n0 += nlen;
@@ -422,7 +436,14 @@ unsafe fn portable_4x8_indirect(
 
 /// # Safety
 /// See [`Kernel::arows`].
-unsafe fn portable_4x8_arows(kc: usize, src: *const f32, rows: *const usize, offs: *const usize, b: *const f32, tile: *mut f32) {
+unsafe fn portable_4x8_arows(
+    kc: usize,
+    src: *const f32,
+    rows: *const usize,
+    offs: *const usize,
+    b: *const f32,
+    tile: *mut f32,
+) {
     const MR: usize = 4;
     const NR: usize = 8;
     let mut acc = [[0f32; NR]; MR];

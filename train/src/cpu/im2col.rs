@@ -122,7 +122,12 @@ impl Pack for DyRows<'_> {
 
 /// An NCHW tensor zero-padded by `lo` rows/columns before and `hi` after, channels-last:
 /// `[image][hp][wp][c]`; returns it with `hp` and `wp`.
-pub(crate) fn channels_last(x: &[f32], [n, c, h, w]: [usize; 4], lo: usize, hi: usize) -> (Vec<f32>, usize, usize) {
+pub(crate) fn channels_last(
+    x: &[f32],
+    [n, c, h, w]: [usize; 4],
+    lo: usize,
+    hi: usize,
+) -> (Vec<f32>, usize, usize) {
     use rayon::prelude::*;
     let (hp, wp) = (h + lo + hi, w + lo + hi);
     let mut data = vec![0f32; n * hp * wp * c];
@@ -233,6 +238,8 @@ pub(crate) struct Nchw<'a> {
     cells: &'a [UnsafeCell<f32>],
     channels: usize,
     positions: usize,
+    /// Add every result to what the tensor holds (an earlier gradient), never overwrite.
+    add: bool,
 }
 
 // SAFETY: the convolution's tasks store disjoint tiles (disjoint channel or column ranges), so
@@ -244,7 +251,12 @@ impl<'a> Nchw<'a> {
         let len = data.len();
         // SAFETY: UnsafeCell<f32> has the layout of f32; the exclusive borrow lasts for 'a.
         let cells = unsafe { std::slice::from_raw_parts(data.as_mut_ptr().cast::<UnsafeCell<f32>>(), len) };
-        Self { cells, channels, positions }
+        Self { cells, channels, positions, add: false }
+    }
+
+    /// A sink that adds every result to `data`'s values.
+    pub(crate) fn adding(data: &'a mut [f32], channels: usize, positions: usize) -> Self {
+        Self { add: true, ..Self::new(data, channels, positions) }
     }
 }
 
@@ -264,8 +276,10 @@ impl Nchw<'_> {
                 // SAFETY: these cells belong to this block alone (see `Sync`), and an
                 // UnsafeCell<f32> slice has the layout of an f32 slice.
                 let dst = unsafe { std::slice::from_raw_parts_mut(UnsafeCell::raw_get(cells.as_ptr()), n) };
-                for (t_, d) in dst.iter_mut().enumerate() {
-                    *d = t[(at + t_) * nlen + j];
+                if self.add {
+                    dst.iter_mut().enumerate().for_each(|(t_, d)| *d += t[(at + t_) * nlen + j]);
+                } else {
+                    dst.iter_mut().enumerate().for_each(|(t_, d)| *d = t[(at + t_) * nlen + j]);
                 }
             }
             at += n;
@@ -278,7 +292,16 @@ impl Nchw<'_> {
     /// column `col` of `t` is (image, u, v) of a `hu` x `wv` grid, written at row `s u + a`,
     /// column `s v + b` of a tensor `w` columns wide.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn put_phase(&self, m0: usize, mlen: usize, nlen: usize, t: &[f32], [hu, wv]: [usize; 2], [s, a, b]: [usize; 3], w: usize) {
+    pub(crate) fn put_phase(
+        &self,
+        m0: usize,
+        mlen: usize,
+        nlen: usize,
+        t: &[f32],
+        [hu, wv]: [usize; 2],
+        [s, a, b]: [usize; 3],
+        w: usize,
+    ) {
         let pos = self.positions;
         for at in 0..mlen {
             let col = m0 + at;
@@ -287,8 +310,9 @@ impl Nchw<'_> {
             let p = (s * u + a) * w + s * v + b;
             for j in 0..nlen {
                 let cell = &self.cells[(image * self.channels + j) * pos + p];
+                let v = t[at * nlen + j];
                 // SAFETY: each phase position belongs to one task of one phase (see `Sync`).
-                unsafe { *cell.get() = t[at * nlen + j] };
+                unsafe { *cell.get() = if self.add { *cell.get() + v } else { v } };
             }
         }
     }
@@ -318,7 +342,7 @@ impl Store for Nchw<'_> {
                 // UnsafeCell<f32> slice has the layout of an f32 slice.
                 let dst = unsafe { std::slice::from_raw_parts_mut(UnsafeCell::raw_get(cells.as_ptr()), n) };
                 let src = &tile[r * nr + at..][..n];
-                if overwrite {
+                if overwrite && !self.add {
                     dst.copy_from_slice(src);
                 } else {
                     dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);

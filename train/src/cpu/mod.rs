@@ -58,6 +58,44 @@ pub(crate) fn flex(data: Vec<f32>, dims: impl AsRef<[usize]>) -> FlexTensor {
     )
 }
 
+/// The autodiff tensor type of the CPU backend (its fields are public; its module is not).
+pub(crate) type AdTensor = burn::tensor::ops::FloatTensor<AdFlex>;
+
+/// Takes the gradient registered so far for the parent node `node` out of `grads`, as a vector
+/// of `len` values (an op then adds its own contribution in its parallel passes and registers
+/// the sum, instead of burn adding the two on one thread). `None` if there is none, or of
+/// another size (then it stays registered). A macro because burn's node type cannot be named.
+macro_rules! take_grad {
+    ($grads:expr, $node:expr, $len:expr) => {{
+        // `Gradients::remove` looks a gradient up by a tensor's node; this tensor only names it.
+        let key = $crate::cpu::AdTensor {
+            primitive: $crate::cpu::flex(Vec::new(), [0]),
+            node: $node.clone(),
+            rc: std::sync::Arc::new($node.id),
+        };
+        match $grads.remove::<burn::backend::Flex>(&key) {
+            Some(t) if t.layout().num_elements() == $len => {
+                #[cfg(test)]
+                $crate::cpu::ACCUMULATED.with(|n| n.set(n.get() + 1));
+                Some(t.to_contiguous().storage::<f32>().to_vec())
+            }
+            Some(t) => {
+                $grads.register::<burn::backend::Flex>($node.id, t);
+                None
+            }
+            None => None,
+        }
+    }};
+}
+pub(crate) use take_grad;
+
+#[cfg(test)]
+thread_local! {
+    /// Gradients an op added its contribution to, on this thread (the backward pass runs on
+    /// the caller's thread; tests check that the path is taken).
+    pub(crate) static ACCUMULATED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 thread_local! {
     /// Per-thread working buffers, kept between calls so that the im2col and GEMM buffers of
     /// every convolution are neither zeroed nor page-faulted in again.
