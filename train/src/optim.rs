@@ -124,6 +124,9 @@ impl<B: Backend> Optimizer<B> {
     ) -> Tensor<B, 1> {
         let c = &self.cfg;
         let decay = if excluded && c.exclude_bias_and_bn { 0.0 } else { c.weight_decay };
+        if crate::cpu::is_flex::<B>() {
+            return self.update_fused(id, w, g, decay, excluded && c.exclude_bias_and_bn, lr);
+        }
         let prev = self.state.remove(&id);
         let (new_w, state) = match c.kind {
             OptimizerKind::Lars => {
@@ -174,6 +177,33 @@ impl<B: Backend> Optimizer<B> {
         };
         self.state.insert(id, state);
         new_w
+    }
+}
+
+impl<B: Backend> Optimizer<B> {
+    /// [`Optimizer::update`] on the CPU backend: one fused parallel pass
+    /// ([`crate::cpu::optim`]).
+    fn update_fused(
+        &mut self,
+        id: ParamId,
+        w: Tensor<B, 1>,
+        g: Tensor<B, 1>,
+        decay: f64,
+        excluded: bool,
+        lr: f64,
+    ) -> Tensor<B, 1> {
+        let device = w.device();
+        let read = |t: Tensor<B, 1>| t.into_data().convert::<f32>().into_vec::<f32>().unwrap_or_default();
+        let (mut wv, gv) = (read(w), read(g));
+        let mut state: Vec<Vec<f32>> =
+            self.state.remove(&id).unwrap_or_default().into_iter().map(read).collect();
+        let step =
+            crate::cpu::optim::Step { cfg: &self.cfg, lr, decay, excluded, t: self.steps.max(1) as i32 };
+        crate::cpu::optim::update(&step, &mut wv, &gv, &mut state);
+        let n = wv.len();
+        let tensor = |v: Vec<f32>| Tensor::<B, 1>::from_data(burn::tensor::TensorData::new(v, [n]), &device);
+        self.state.insert(id, state.into_iter().map(tensor).collect());
+        tensor(wv)
     }
 }
 
@@ -336,5 +366,43 @@ mod tests {
         assert!((base_lr(&c, 512) - 0.6).abs() < 1e-12);
         let c = OptimizerConfig { lr: 0.075, lr_scaling: LrScaling::Sqrt, ..c };
         assert!((base_lr(&c, 256) - 1.2).abs() < 1e-12);
+    }
+
+    /// The fused CPU update gives the tensor-ops update (the GPU path) for every optimizer.
+    #[test]
+    fn fused_update_matches_tensor_ops() {
+        let (a, c) = ([0.6f32, -0.8, 0.3, 1.5], [0.5f32, 0.25, -2.0, 0.1]);
+        for cfg in [
+            OptimizerConfig { weight_decay: 0.1, ..OptimizerConfig::default() },
+            OptimizerConfig {
+                weight_decay: 0.1,
+                nesterov: true,
+                exclude_bias_and_bn: false,
+                ..OptimizerConfig::default()
+            },
+            OptimizerConfig {
+                kind: OptimizerKind::Sgd,
+                weight_decay: 0.01,
+                nesterov: true,
+                ..OptimizerConfig::default()
+            },
+            OptimizerConfig { kind: OptimizerKind::Adamw, weight_decay: 0.05, ..OptimizerConfig::default() },
+        ] {
+            let run = || {
+                let mut opt = Optimizer::<Flex>::new(&cfg);
+                let mut m = Tiny {
+                    weight: Param::from_tensor(t1(&[3.0, 4.0, -1.0, 0.5])),
+                    bias: Param::from_tensor(t1(&[1.0, -1.0, 0.0, 2.0])),
+                };
+                for _ in 0..3 {
+                    m = step(&mut opt, m, &a, &c, 0.1);
+                }
+                (values(&m.weight), values(&m.bias))
+            };
+            let fused = run();
+            let plain = crate::cpu::with_burn_ops(run);
+            close(&fused.0, &plain.0, &format!("{:?} weight", cfg.kind));
+            close(&fused.1, &plain.1, &format!("{:?} bias", cfg.kind));
+        }
     }
 }

@@ -261,8 +261,8 @@ impl<const N: usize> Backward<Flex, N> for BnBackward {
                 want(3).filter(|_| want_res).and_then(|n| super::take_grad!(grads, n, len)),
             );
             let add = (base_x.is_some(), base_res.is_some());
-            let mut dx = if want_x { base_x.unwrap_or_else(|| vec![0f32; len]) } else { Vec::new() };
-            let mut dres = if want_res { base_res.unwrap_or_else(|| vec![0f32; len]) } else { Vec::new() };
+            let mut dx = if want_x { base_x.unwrap_or_else(|| super::zeros(len)) } else { Vec::new() };
+            let mut dres = if want_res { base_res.unwrap_or_else(|| super::zeros(len)) } else { Vec::new() };
             let per = c * geo.r;
             let consts = Consts { a: &a, k0: &k0, k1: &k1, mean: &mean, r: geo.r, add };
             let run = |i: usize, dxo: &mut [f32], dro: &mut [f32]| {
@@ -447,7 +447,7 @@ fn normalize(
     b: &[f32],
     relu: bool,
 ) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
+    let mut y = super::zeros(x.len());
     let per = geo.c * geo.r;
     if per == 0 {
         return y;

@@ -47,7 +47,7 @@ static FAST_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsi
 /// `conv2d(x, weight)` without bias, stride `s`, padding `p`; the fast path on the CPU backend.
 pub fn conv2d<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, s: usize, p: usize) -> Tensor<B, 4> {
     let options = ConvOptions::new([s, s], [p, p], [1, 1], 1);
-    let fast = x.dtype() == DType::F32 && weight.dtype() == DType::F32;
+    let fast = x.dtype() == DType::F32 && weight.dtype() == DType::F32 && super::is_flex::<B>();
     let mut slot = Some((x, weight));
     if fast {
         if let Some((x, w)) = cast::<_, (Tensor<AdFlex, 4>, Tensor<AdFlex, 4>)>(&mut slot) {
@@ -154,7 +154,7 @@ fn forward(x: &FlexTensor, w: &FlexTensor, geo: &Geometry, base: Option<Vec<f32>
     let g = *geo;
     let (k, pos) = (g.k(), g.positions());
     let adding = base.is_some();
-    let mut y = base.unwrap_or_else(|| vec![0f32; g.n * g.co * pos]);
+    let mut y = base.unwrap_or_else(|| super::zeros(g.n * g.co * pos));
     if !y.is_empty() {
         let kern = gemm::kernel();
         let out = if adding { Nchw::adding(&mut y, g.co, pos) } else { Nchw::new(&mut y, g.co, pos) };
@@ -186,13 +186,13 @@ fn forward_channels_last(xd: &[f32], wd: &[f32], g: Geometry, kern: gemm::Kernel
     let (k, pos) = (g.k(), g.positions());
     let taps = g.kh * g.kw;
     let mut wperm = vec![0f32; wd.len()];
-    for o in 0..g.co {
+    wperm.par_chunks_mut(k.max(1)).enumerate().for_each(|(o, row)| {
         for c in 0..g.ci {
             for t in 0..taps {
-                wperm[o * k + t * g.ci + c] = wd[(o * g.ci + c) * taps + t];
+                row[t * g.ci + c] = wd[(o * g.ci + c) * taps + t];
             }
         }
-    }
+    });
     let b = Packed::new(kern.nr, &Matrix { data: &wperm, lane_stride: k, k_stride: 1 }, g.co, k);
     let xcl = PaddedCl::new(xd, g);
     let columns = g.n * pos;
@@ -274,13 +274,13 @@ fn input_grad(w: &FlexTensor, dy: &FlexTensor, geo: &Geometry, base: Option<Vec<
     if g.s == 1 && g.kh == g.kw && g.p < g.kh && g.h == g.ho && g.w == g.wo {
         let taps = g.kh * g.kw;
         let mut flipped = vec![0f32; wd.len()];
-        for o in 0..g.co {
-            for c in 0..g.ci {
+        flipped.par_chunks_mut((g.co * taps).max(1)).enumerate().for_each(|(c, row)| {
+            for o in 0..g.co {
                 for t in 0..taps {
-                    flipped[(c * g.co + o) * taps + taps - 1 - t] = wd[(o * g.ci + c) * taps + t];
+                    row[o * taps + taps - 1 - t] = wd[(o * g.ci + c) * taps + t];
                 }
             }
-        }
+        });
         let flipped = flex(flipped, [g.ci, g.co, g.kh, g.kw]);
         let back = Geometry::new([g.n, g.co, g.ho, g.wo], [g.ci, g.co, g.kh, g.kw], 1, g.kh - 1 - g.p);
         return forward(&dy, &flipped, &back, base);

@@ -64,21 +64,21 @@ pub(crate) fn weight_grad(x: &FlexTensor, dy: &FlexTensor, geo: &Geometry) -> Fl
             dw
         })
         .collect();
-    let mut iter = sums.into_iter();
-    let mut dwp = iter.next().unwrap_or_else(|| vec![0f32; g.co * k]);
-    for part in iter {
-        dwp.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
-    }
-    // (i, j, c) order back to (c, i, j).
+    // Partials summed in order, and (i, j, c) order back to (c, i, j), a row of dW per task.
     let taps = g.kh * g.kw;
-    let mut out = vec![0f32; dwp.len()];
-    for o in 0..g.co {
+    let mut out = vec![0f32; g.co * k];
+    out.par_chunks_mut(k.max(1)).enumerate().for_each(|(o, row)| {
         for t in 0..taps {
             for c in 0..g.ci {
-                out[(o * g.ci + c) * taps + t] = dwp[o * k + t * g.ci + c];
+                let at = o * k + t * g.ci + c;
+                let mut v = sums[0][at];
+                for part in &sums[1..] {
+                    v += part[at];
+                }
+                row[c * taps + t] = v;
             }
         }
-    }
+    });
     flex(out, [g.co, g.ci, g.kh, g.kw])
 }
 
@@ -89,7 +89,7 @@ pub(crate) fn weight_grad(x: &FlexTensor, dy: &FlexTensor, geo: &Geometry) -> Fl
 /// of dY: no column buffer and no scatter-add. Positions of a phase with no taps keep `base` (or 0).
 pub(crate) fn input_grad_strided(w: &[f32], dy: &[f32], g: Geometry, base: Option<Vec<f32>>) -> FlexTensor {
     let adding = base.is_some();
-    let mut dx = base.unwrap_or_else(|| vec![0f32; g.n * g.ci * g.h * g.w]);
+    let mut dx = base.unwrap_or_else(|| super::zeros(g.n * g.ci * g.h * g.w));
     if dx.is_empty() {
         return flex(dx, [g.n, g.ci, g.h, g.w]);
     }

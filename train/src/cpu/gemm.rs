@@ -182,11 +182,16 @@ impl Packed {
     pub(crate) fn new(width: usize, src: &impl Pack, lanes: usize, k: usize) -> Self {
         let np = lanes.div_ceil(width);
         let blocks = k.div_ceil(KC);
+        use rayon::prelude::*;
         let mut data = vec![0f32; blocks * np * width * KC];
-        for q in 0..blocks {
+        // Reduction blocks, and the panels of each, in parallel.
+        data.par_chunks_mut((np * width * KC).max(1)).enumerate().for_each(|(q, block)| {
             let (k0, kc) = (q * KC, KC.min(k - q * KC));
-            src.pack(0, lanes, width, k0, kc, &mut data[q * np * width * KC..][..np * width * kc]);
-        }
+            block[..np * width * kc].par_chunks_mut(width * kc).enumerate().for_each(|(ip, panel)| {
+                let l0 = ip * width;
+                src.pack(l0, width.min(lanes - l0), width, k0, kc, panel);
+            });
+        });
         Self { data, width, lanes }
     }
 

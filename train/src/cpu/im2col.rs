@@ -130,7 +130,7 @@ pub(crate) fn channels_last(
 ) -> (Vec<f32>, usize, usize) {
     use rayon::prelude::*;
     let (hp, wp) = (h + lo + hi, w + lo + hi);
-    let mut data = vec![0f32; n * hp * wp * c];
+    let mut data = super::zeros(n * hp * wp * c);
     let plane = h * w;
     if !data.is_empty() && plane > 0 {
         data.par_chunks_mut(hp * wp * c).zip(x.par_chunks(c * plane)).for_each(|(dst, src)| {
@@ -370,7 +370,7 @@ impl Padded {
         use rayon::prelude::*;
         debug_assert_eq!(g.s, 1);
         let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
-        let mut data = vec![0f32; g.n * g.ci * hp * wp];
+        let mut data = super::zeros(g.n * g.ci * hp * wp);
         if !data.is_empty() {
             data.par_chunks_mut(hp * wp).zip(x.par_chunks(g.h * g.w)).for_each(|(dst, src)| {
                 for (r, line) in src.chunks(g.w).enumerate() {
