@@ -349,9 +349,13 @@ fn interrupt_flag() -> Arc<AtomicBool> {
 
 fn options(plan: &Plan, common: &Common) -> RunOptions {
     let interrupt = interrupt_flag();
+    let threads = common.threads.unwrap_or_else(simclr_core::runtime::default_threads).max(1);
+    // One budget: the trainer's and evaluation's thread pool gets the same count as the
+    // pipeline's workers (which wait, blocked, while a step runs).
+    simclr_train::cpu::set_threads(threads);
     RunOptions {
         seed: plan.spec.seed,
-        threads: common.threads.unwrap_or_else(simclr_core::runtime::default_threads).max(1),
+        threads,
         fuse: plan.spec.fuse,
         chunk: plan.spec.chunk,
         interrupt,

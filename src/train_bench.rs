@@ -69,12 +69,23 @@ pub fn measure(plan: &Plan, opts: &RunOptions, steps: u64) -> Result<Option<serd
     let median = step_s[step_s.len() / 2];
     let wait: f64 = timed.iter().map(|v| field(v, "data_wait_s")).sum();
     let busy: f64 = step_s.iter().sum();
+    // Achieved GFLOP/s against the GEMM microkernel's own speed on every thread of the budget.
+    let gflop = timed.first().map_or(0.0, |v| field(v, "gflop"));
+    let (kernel_gflops, kernel) = simclr_train::cpu::kernel_peak_gflops();
+    let cores = opts.threads.min(simclr_core::runtime::default_threads()).max(1);
+    let gflops = gflop / median.max(1e-12);
+    let peak = kernel_gflops * cores as f64;
     Ok(Some(serde_json::json!({
         "steps": timed.len(),
         "pairs_per_batch": batch_size,
         "step_s_median": median,
         "images_per_s": 2.0 * batch_size as f64 / median.max(1e-12),
         "data_wait_frac": wait / (wait + busy).max(1e-12),
+        "gflop_per_step": gflop,
+        "gflops": gflops,
+        "peak_gflops": peak,
+        "peak_frac": gflops / peak.max(1e-12),
+        "kernel": kernel,
         "step_s": step_s,
     })))
 }

@@ -413,6 +413,70 @@ impl<B: Backend> Head<B> {
     }
 }
 
+/// Floating-point operations (multiply and add counted apart) of one training step on `n`
+/// images of `h` x `w`: the convolutions and dense layers forward, and twice that backward
+/// (input and weight gradients) but the first convolution's input gradient, which is never
+/// computed. The count PyTorch's `FlopCounterMode` gives (the anchor's `flops_per_step`).
+pub fn step_flops(cfg: &SimclrTrain, n: usize, h: usize, w: usize) -> f64 {
+    // (forward FLOPs, FLOPs of the stem's input gradient)
+    let conv = |ci: usize, co: usize, k: usize, s: usize, (h, w): (usize, usize)| {
+        let (ho, wo) = ((h + 2 * (k / 2) - k) / s + 1, (w + 2 * (k / 2) - k) / s + 1);
+        (2.0 * (n * co * ci * k * k * ho * wo) as f64, (ho, wo))
+    };
+    let (counts, bottleneck) = match cfg.backbone {
+        Backbone::Resnet18 => ([2, 2, 2, 2], false),
+        Backbone::Resnet34 => ([3, 4, 6, 3], false),
+        Backbone::Resnet50 => ([3, 4, 6, 3], true),
+    };
+    let stem = cfg.scaled(64);
+    let (stem_flops, mut hw) = match cfg.stem {
+        Stem::Cifar => conv(3, stem, 3, 1, (h, w)),
+        Stem::Imagenet => {
+            let (f, (ho, wo)) = conv(3, stem, 7, 2, (h, w));
+            (f, ((ho - 1) / 2 + 1, (wo - 1) / 2 + 1))
+        }
+    };
+    let mut fwd = stem_flops;
+    let mut cin = stem;
+    for (i, &blocks) in counts.iter().enumerate() {
+        let planes = cfg.scaled(64 << i);
+        for b in 0..blocks {
+            let s = if i > 0 && b == 0 { 2 } else { 1 };
+            let out = if bottleneck { planes * 4 } else { planes };
+            if s != 1 || cin != out {
+                fwd += conv(cin, out, 1, s, hw).0;
+            }
+            if bottleneck {
+                let (f1, _) = conv(cin, planes, 1, 1, hw);
+                let (f2, hw2) = conv(planes, planes, 3, s, hw);
+                let (f3, _) = conv(planes, out, 1, 1, hw2);
+                fwd += f1 + f2 + f3;
+                hw = hw2;
+            } else {
+                let (f1, hw2) = conv(cin, planes, 3, s, hw);
+                let (f2, _) = conv(planes, planes, 3, 1, hw2);
+                fwd += f1 + f2;
+                hw = hw2;
+            }
+            cin = out;
+        }
+    }
+    let head = &cfg.head;
+    let layers = match head.kind {
+        HeadKind::None => 0,
+        HeadKind::Linear => 1,
+        HeadKind::Nonlinear => head.layers,
+    };
+    let hidden = head.hidden_dim.unwrap_or(cin);
+    let mut din = cin;
+    for j in 0..layers {
+        let dout = if j + 1 == layers { head.out_dim } else { hidden };
+        fwd += 2.0 * (n * din * dout) as f64;
+        din = dout;
+    }
+    3.0 * fwd - stem_flops
+}
+
 /// Encoder and head.
 #[derive(Module, Debug)]
 pub struct SimclrModel<B: Backend> {
@@ -433,5 +497,19 @@ impl<B: Backend> SimclrModel<B> {
         let h = self.encoder.forward(x);
         let z = self.head.forward(h.clone());
         (h, z)
+    }
+}
+
+#[cfg(test)]
+mod flop_tests {
+    use super::*;
+
+    /// The anchor's count for its model (ResNet-18 CIFAR stem, head 512-512-128), 128 pairs:
+    /// `flops_per_step` = 852.8 GFLOP (../shared/bench/anchors/README.md).
+    #[test]
+    fn resnet18_cifar_step_matches_the_anchors_count() {
+        let cfg: SimclrTrain = serde_json::from_value(serde_json::json!({"head": {"bn": false}})).unwrap_or_default();
+        let g = step_flops(&cfg, 256, 32, 32) / 1e9;
+        assert!((g - 852.8).abs() < 1.0, "{g} GFLOP");
     }
 }

@@ -277,6 +277,7 @@ impl Sink for TrainSink {
                 "images_per_s": images as f64 / step_s,
                 "data_wait_s": data_wait_s,
                 "step_s": step_s,
+                "gflop": crate::model::step_flops(&self.cfg, 2 * n, shape[2], shape[3]) / 1e9,
             });
             self.write_line(line)?;
         }
