@@ -508,7 +508,8 @@ mod flop_tests {
     /// `flops_per_step` = 852.8 GFLOP (../shared/bench/anchors/README.md).
     #[test]
     fn resnet18_cifar_step_matches_the_anchors_count() {
-        let cfg: SimclrTrain = serde_json::from_value(serde_json::json!({"head": {"bn": false}})).unwrap_or_default();
+        let cfg: SimclrTrain =
+            serde_json::from_value(serde_json::json!({"head": {"bn": false}})).unwrap_or_default();
         let g = step_flops(&cfg, 256, 32, 32) / 1e9;
         assert!((g - 852.8).abs() < 1.0, "{g} GFLOP");
     }

@@ -762,7 +762,7 @@ pub(crate) mod dense {
                 if overwrite {
                     dst.copy_from_slice(src);
                 } else {
-                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                    crate::cpu::add_into(dst, src);
                 }
             }
         }

@@ -345,7 +345,7 @@ impl Store for Nchw<'_> {
                 if overwrite && !self.add {
                     dst.copy_from_slice(src);
                 } else {
-                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                    crate::cpu::add_into(dst, src);
                 }
             }
             at += n;

@@ -115,6 +115,16 @@ thread_local! {
     pub(crate) static ACCUMULATED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
+simclr_core::multiversion! {
+    /// `dst += src`, element by element (a GEMM tile onto its partial sum), at the CPU's widest
+    /// vector width.
+    pub(crate) fn add_into(dst: &mut [f32], src: &[f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d += s;
+        }
+    }
+}
+
 /// Sizes the thread pool of the training and evaluation ops (rayon's global pool) to
 /// `threads`, once per process; later calls keep the first size. Results do not depend on it.
 pub fn set_threads(threads: usize) {
