@@ -158,7 +158,7 @@ fn forward(x: &FlexTensor, w: &FlexTensor, geo: &Geometry, base: Option<Vec<f32>
     if !y.is_empty() {
         let kern = gemm::kernel();
         let out = if adding { Nchw::adding(&mut y, g.co, pos) } else { Nchw::new(&mut y, g.co, pos) };
-        if g.s == 1 && g.wo % (kern.nr / 2) == 0 {
+        if g.s == 1 && g.wo.is_multiple_of(kern.nr / 2) {
             let a = Packed::new(kern.mr, &Matrix { data: wd, lane_stride: k, k_stride: 1 }, g.co, k);
             let packed = Im2colCols { x: xd, g };
             let padded = Padded::new(xd, g);

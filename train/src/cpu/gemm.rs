@@ -23,9 +23,11 @@ pub(crate) struct Kernel {
     pub nr: usize,
     /// SAFETY contract: `a` holds `kc * mr` values, `b` `kc * nr`, `tile` `mr * nr`, and the
     /// CPU has the instructions the kernel was compiled for ([`kernel`] checks).
-    run: unsafe fn(usize, *const f32, *const f32, *mut f32),
+    run: unsafe fn(usize, *const f32, *const f32, *mut f32, bool),
     /// The same with B read in place: row k of the panel is `b0[offs[k]..][..nr / 2]` then
-    /// `b1[offs[k]..][..nr / 2]`. SAFETY contract: as `run`, and every such read is in bounds.
+    /// `b1[offs[k]..][..nr / 2]`; with the last argument true the sums start from the tile's
+    /// values (a previous reduction block). SAFETY contract: as `run`, and every such read is
+    /// in bounds.
     indirect: IndirectFn,
     /// The same with A read in place and B packed: `a[k * mr + r]` is
     /// `src[rows[r] + offs[k]]`. SAFETY contract: as `run`, and every such read is in bounds.
@@ -33,8 +35,8 @@ pub(crate) struct Kernel {
     pub name: &'static str,
 }
 
-type IndirectFn = unsafe fn(usize, *const f32, *const f32, *const f32, *const usize, *mut f32);
-type ArowsFn = unsafe fn(usize, *const f32, *const usize, *const usize, *const f32, *mut f32);
+type IndirectFn = unsafe fn(usize, *const f32, *const f32, *const f32, *const usize, *mut f32, bool);
+type ArowsFn = unsafe fn(usize, *const f32, *const usize, *const usize, *const f32, *mut f32, bool);
 
 /// The widest microkernel this CPU runs.
 pub(crate) fn kernel() -> Kernel {
@@ -117,6 +119,7 @@ pub(crate) trait Store: Sync {
 /// (the reference path the tests check every kernel with): reduction blocks of
 /// [`KC`] from `ks.start`; `accumulate` adds to C instead of overwriting it with the first block.
 #[cfg(test)]
+#[allow(clippy::too_many_arguments)] // mirrors a BLAS call: three operands, three ranges
 pub(crate) fn gemm(
     kern: Kernel,
     rows: std::ops::Range<usize>,
@@ -161,7 +164,7 @@ pub(crate) fn gemm(
                     let apanel = &ap[ip * mr * kc..][..kc * mr];
                     // SAFETY: the panels hold kc * mr and kc * nr values, the tile mr * nr, and
                     // `kernel()` chose a kernel this CPU runs.
-                    unsafe { (kern.run)(kc, apanel.as_ptr(), bpanel.as_ptr(), tile.as_mut_ptr()) };
+                    unsafe { (kern.run)(kc, apanel.as_ptr(), bpanel.as_ptr(), tile.as_mut_ptr(), false) };
                     c.store(m0, mr.min(rows.end - m0), n0, nr.min(cols.end - n0), tile, nr, overwrite);
                 }
             }
@@ -239,6 +242,9 @@ pub(crate) fn gemm_indirect(
         return;
     }
     let data = b.data();
+    if let A::Prepacked(pa) = a {
+        return prepacked_tiles(kern, rows, cols, ks, pa, b, fallback, c);
+    }
     let mut offs = vec![0usize; KC];
     let mc = (MC / mr).max(1) * mr;
     // Rows are handled in blocks of whole panels; a range that starts or ends inside a panel
@@ -290,11 +296,12 @@ pub(crate) fn gemm_indirect(
                                     data.as_ptr().add(y),
                                     offs.as_ptr(),
                                     tile.as_mut_ptr(),
+                                    false,
                                 )
                             },
                             // SAFETY: as in `gemm`.
                             None => unsafe {
-                                (kern.run)(kc, apanel.as_ptr(), bp.as_ptr(), tile.as_mut_ptr())
+                                (kern.run)(kc, apanel.as_ptr(), bp.as_ptr(), tile.as_mut_ptr(), false)
                             },
                         }
                         let m0 = (ip * mr).max(rows.start);
@@ -312,6 +319,89 @@ pub(crate) fn gemm_indirect(
     });
 }
 
+/// [`gemm_indirect`] with A prepacked, tile by tile: each tile sums every reduction block in
+/// registers and the tile buffer and is stored once (no read-modify-write passes over C).
+#[allow(clippy::too_many_arguments)]
+fn prepacked_tiles(
+    kern: Kernel,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    ks: std::ops::Range<usize>,
+    a: &Packed,
+    b: &impl Indirect,
+    fallback: &impl Pack,
+    c: &impl Store,
+) {
+    let (mr, nr, half) = (kern.mr, kern.nr, kern.nr / 2);
+    debug_assert_eq!((ks.start, a.width), (0, mr));
+    let k = ks.end;
+    let blocks = k.div_ceil(KC);
+    let data = b.data();
+    let mut offs = vec![0usize; k];
+    for q in 0..blocks {
+        let k0 = q * KC;
+        b.offsets(k0, KC.min(k - k0), &mut offs[k0..]);
+    }
+    let reach = offs.iter().copied().max().unwrap_or(0) + half;
+    let (p0, p1) = (rows.start / mr, rows.end.div_ceil(mr));
+    super::with_scratch([nr * KC * blocks, mr * nr], |[bp, tile]| {
+        let mut n0 = cols.start;
+        while n0 < cols.end {
+            let nlen = nr.min(cols.end - n0);
+            let bases = if nlen == nr { b.bases(n0, half) } else { None };
+            let bases = bases.filter(|&(x, y)| x.max(y) + reach <= data.len());
+            if bases.is_none() {
+                for q in 0..blocks {
+                    let (k0, kc) = (q * KC, KC.min(k - q * KC));
+                    fallback.pack(n0, nlen, nr, k0, kc, &mut bp[q * nr * KC..][..nr * kc]);
+                }
+            }
+            for ip in p0..p1 {
+                if blocks == 0 {
+                    tile.fill(0.0);
+                }
+                for q in 0..blocks {
+                    let (k0, kc) = (q * KC, KC.min(k - q * KC));
+                    let apanel = a.panel(q, ip, kc);
+                    match bases {
+                        // SAFETY: the panel holds kc * mr values, offs[k0..] kc offsets, the
+                        // tile mr * nr; every read b0/b1 + offs[kk] + (0..half) is below
+                        // data.len() (checked above: base + max offset + half <= len);
+                        // `kernel()` chose a kernel this CPU runs.
+                        Some((x, y)) => unsafe {
+                            (kern.indirect)(
+                                kc,
+                                apanel.as_ptr(),
+                                data.as_ptr().add(x),
+                                data.as_ptr().add(y),
+                                offs[k0..].as_ptr(),
+                                tile.as_mut_ptr(),
+                                q > 0,
+                            )
+                        },
+                        // SAFETY: as in `gemm`; the packed block holds kc * nr values.
+                        None => unsafe {
+                            (kern.run)(
+                                kc,
+                                apanel.as_ptr(),
+                                bp[q * nr * KC..].as_ptr(),
+                                tile.as_mut_ptr(),
+                                q > 0,
+                            )
+                        },
+                    }
+                }
+                let m0 = (ip * mr).max(rows.start);
+                let mlen = ((ip + 1) * mr).min(rows.end) - m0;
+                // Rows of the panel outside `rows` are dropped.
+                let skip = m0 - ip * mr;
+                c.store(m0, mlen, n0, nlen, &tile[skip * nr..], nr, true);
+            }
+            n0 += nlen;
+        }
+    });
+}
+
 /// An A operand read in place: row `r`, reduction index `k` at `data[row(r) + offset(k)]`.
 pub(crate) trait RowsInPlace: Sync {
     fn data(&self) -> &[f32];
@@ -321,8 +411,9 @@ pub(crate) trait RowsInPlace: Sync {
 }
 
 /// C[rows, cols] = A[rows, 0..k] . B[0..k, cols] with A read in place and B prepacked (`nr`
-/// wide). Rows past the end of A's rows repeat its last row (computed, never stored). One
-/// thread.
+/// wide), tile by tile: each tile sums every reduction block in registers and the tile buffer,
+/// then is stored once. Rows past the end of A's rows repeat its last row (computed, never
+/// stored). One thread.
 pub(crate) fn gemm_arows(
     kern: Kernel,
     rows: std::ops::Range<usize>,
@@ -338,54 +429,64 @@ pub(crate) fn gemm_arows(
         return;
     }
     let data = a.data();
-    let mut offs = vec![0usize; KC];
+    let mut offs = vec![0usize; k];
+    a.offsets(0, k, &mut offs);
+    let reach = offs.iter().copied().max().unwrap_or(0);
     let mut row_offs = vec![0usize; mr];
     super::with_scratch([mr * nr], |[tile]| {
-        for q in 0..k.div_ceil(KC) {
-            let (k0, kc) = (q * KC, KC.min(k - q * KC));
-            a.offsets(k0, kc, &mut offs[..kc]);
-            let reach = offs[..kc].iter().copied().max().unwrap_or(0);
-            let mut m0 = rows.start;
-            while m0 < rows.end {
-                let mlen = mr.min(rows.end - m0);
-                for (r, o) in row_offs.iter_mut().enumerate() {
-                    *o = a.row(m0 + r.min(mlen - 1));
+        let mut m0 = rows.start;
+        while m0 < rows.end {
+            let mlen = mr.min(rows.end - m0);
+            for (r, o) in row_offs.iter_mut().enumerate() {
+                *o = a.row(m0 + r.min(mlen - 1));
+            }
+            let top = row_offs.iter().copied().max().unwrap_or(0);
+            // Every read src[row + offset] stays inside the data (checked once per panel).
+            assert!(top + reach < data.len(), "conv GEMM: an in-place operand reads past its end");
+            let mut n0 = cols.start;
+            while n0 < cols.end {
+                let nlen = nr.min(cols.end - n0);
+                if k == 0 {
+                    tile.fill(0.0);
                 }
-                let top = row_offs.iter().copied().max().unwrap_or(0);
-                // Every read src[row + offset] stays inside the data (checked once per panel).
-                assert!(top + reach < data.len(), "conv GEMM: an in-place operand reads past its end");
-                let mut n0 = cols.start;
-                while n0 < cols.end {
-                    let nlen = nr.min(cols.end - n0);
+                for q in 0..k.div_ceil(KC) {
+                    let (k0, kc) = (q * KC, KC.min(k - q * KC));
                     let bpanel = b.panel(q, n0 / nr, kc);
-                    // SAFETY: the B panel holds kc * nr values, the tile mr * nr; every A read
-                    // is below data.len() (asserted above); `kernel()` chose a kernel this CPU
-                    // runs.
+                    // SAFETY: the B panel holds kc * nr values, offs[k0..] kc offsets, the tile
+                    // mr * nr; every A read is below data.len() (asserted above); `kernel()`
+                    // chose a kernel this CPU runs.
                     unsafe {
                         (kern.arows)(
                             kc,
                             data.as_ptr(),
                             row_offs.as_ptr(),
-                            offs.as_ptr(),
+                            offs[k0..].as_ptr(),
                             bpanel.as_ptr(),
                             tile.as_mut_ptr(),
+                            q > 0,
                         )
                     };
-                    c.store(m0, mlen, n0, nlen, tile, nr, q == 0);
-                    n0 += nlen;
                 }
-                m0 += mlen;
+                c.store(m0, mlen, n0, nlen, tile, nr, true);
+                n0 += nlen;
             }
+            m0 += mlen;
         }
     });
 }
 
 /// # Safety
 /// See [`Kernel::run`].
-unsafe fn portable_4x8(kc: usize, a: *const f32, b: *const f32, tile: *mut f32) {
+unsafe fn portable_4x8(kc: usize, a: *const f32, b: *const f32, tile: *mut f32, from_tile: bool) {
     const MR: usize = 4;
     const NR: usize = 8;
     let mut acc = [[0f32; NR]; MR];
+    if from_tile {
+        for (r, row) in acc.iter_mut().enumerate() {
+            // SAFETY: the tile holds MR * NR values.
+            unsafe { std::ptr::copy_nonoverlapping(tile.add(r * NR), row.as_mut_ptr(), NR) };
+        }
+    }
     for k in 0..kc {
         // SAFETY: k < kc, so both reads stay inside the panels (the caller's contract).
         let (ak, bk) = unsafe {
@@ -412,10 +513,17 @@ unsafe fn portable_4x8_indirect(
     b1: *const f32,
     offs: *const usize,
     tile: *mut f32,
+    from_tile: bool,
 ) {
     const MR: usize = 4;
     const NR: usize = 8;
     let mut acc = [[0f32; NR]; MR];
+    if from_tile {
+        for (r, row) in acc.iter_mut().enumerate() {
+            // SAFETY: the tile holds MR * NR values.
+            unsafe { std::ptr::copy_nonoverlapping(tile.add(r * NR), row.as_mut_ptr(), NR) };
+        }
+    }
     for k in 0..kc {
         // SAFETY: k < kc, and the caller checked every read against the source's bounds.
         let (ak, lo, hi) = unsafe {
@@ -448,10 +556,17 @@ unsafe fn portable_4x8_arows(
     offs: *const usize,
     b: *const f32,
     tile: *mut f32,
+    from_tile: bool,
 ) {
     const MR: usize = 4;
     const NR: usize = 8;
     let mut acc = [[0f32; NR]; MR];
+    if from_tile {
+        for (r, row) in acc.iter_mut().enumerate() {
+            // SAFETY: the tile holds MR * NR values.
+            unsafe { std::ptr::copy_nonoverlapping(tile.add(r * NR), row.as_mut_ptr(), NR) };
+        }
+    }
     // SAFETY: the caller passes mr row offsets.
     let rows = unsafe { std::slice::from_raw_parts(rows, MR) };
     for k in 0..kc {
@@ -472,203 +587,7 @@ unsafe fn portable_4x8_arows(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
-
-    /// # Safety
-    /// AVX-512F, and [`super::Kernel::run`]'s contract with mr = 8, nr = 32.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn avx512_8x32(kc: usize, a: *const f32, b: *const f32, tile: *mut f32) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; 8];
-        for k in 0..kc {
-            // SAFETY: k < kc: inside the panels.
-            unsafe {
-                let bk = b.add(k * 32);
-                let (b0, b1) = (_mm512_loadu_ps(bk), _mm512_loadu_ps(bk.add(16)));
-                let ak = a.add(k * 8);
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*ak.add(r));
-                    row[0] = _mm512_fmadd_ps(av, b0, row[0]);
-                    row[1] = _mm512_fmadd_ps(av, b1, row[1]);
-                }
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            // SAFETY: the tile holds 8 x 32 values.
-            unsafe {
-                _mm512_storeu_ps(tile.add(r * 32), row[0]);
-                _mm512_storeu_ps(tile.add(r * 32 + 16), row[1]);
-            }
-        }
-    }
-
-    /// # Safety
-    /// AVX-512F, and [`super::Kernel::indirect`]'s contract with mr = 8, nr = 32.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn avx512_8x32_indirect(
-        kc: usize,
-        a: *const f32,
-        b0: *const f32,
-        b1: *const f32,
-        offs: *const usize,
-        tile: *mut f32,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; 8];
-        for k in 0..kc {
-            // SAFETY: k < kc, and the caller checked every read against the source's bounds.
-            unsafe {
-                let o = *offs.add(k);
-                let (x0, x1) = (_mm512_loadu_ps(b0.add(o)), _mm512_loadu_ps(b1.add(o)));
-                let ak = a.add(k * 8);
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*ak.add(r));
-                    row[0] = _mm512_fmadd_ps(av, x0, row[0]);
-                    row[1] = _mm512_fmadd_ps(av, x1, row[1]);
-                }
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            // SAFETY: the tile holds 8 x 32 values.
-            unsafe {
-                _mm512_storeu_ps(tile.add(r * 32), row[0]);
-                _mm512_storeu_ps(tile.add(r * 32 + 16), row[1]);
-            }
-        }
-    }
-
-    /// # Safety
-    /// AVX-512F, and [`super::Kernel::arows`]'s contract with mr = 8, nr = 32.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn avx512_8x32_arows(
-        kc: usize,
-        src: *const f32,
-        rows: *const usize,
-        offs: *const usize,
-        b: *const f32,
-        tile: *mut f32,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; 8];
-        // SAFETY: the caller passes 8 row offsets.
-        let p: [*const f32; 8] = std::array::from_fn(|r| unsafe { src.add(*rows.add(r)) });
-        for k in 0..kc {
-            // SAFETY: k < kc, and the caller checked every read against the source's bounds.
-            unsafe {
-                let o = *offs.add(k);
-                let bk = b.add(k * 32);
-                let (b0, b1) = (_mm512_loadu_ps(bk), _mm512_loadu_ps(bk.add(16)));
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*p[r].add(o));
-                    row[0] = _mm512_fmadd_ps(av, b0, row[0]);
-                    row[1] = _mm512_fmadd_ps(av, b1, row[1]);
-                }
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            // SAFETY: the tile holds 8 x 32 values.
-            unsafe {
-                _mm512_storeu_ps(tile.add(r * 32), row[0]);
-                _mm512_storeu_ps(tile.add(r * 32 + 16), row[1]);
-            }
-        }
-    }
-
-    /// # Safety
-    /// AVX2 and FMA, and [`super::Kernel::arows`]'s contract with mr = 6, nr = 16.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2_6x16_arows(
-        kc: usize,
-        src: *const f32,
-        rows: *const usize,
-        offs: *const usize,
-        b: *const f32,
-        tile: *mut f32,
-    ) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
-        // SAFETY: the caller passes 6 row offsets.
-        let p: [*const f32; 6] = std::array::from_fn(|r| unsafe { src.add(*rows.add(r)) });
-        for k in 0..kc {
-            // SAFETY: k < kc, and the caller checked every read against the source's bounds.
-            unsafe {
-                let o = *offs.add(k);
-                let bk = b.add(k * 16);
-                let (b0, b1) = (_mm256_loadu_ps(bk), _mm256_loadu_ps(bk.add(8)));
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let av = _mm256_broadcast_ss(&*p[r].add(o));
-                    row[0] = _mm256_fmadd_ps(av, b0, row[0]);
-                    row[1] = _mm256_fmadd_ps(av, b1, row[1]);
-                }
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            // SAFETY: the tile holds 6 x 16 values.
-            unsafe {
-                _mm256_storeu_ps(tile.add(r * 16), row[0]);
-                _mm256_storeu_ps(tile.add(r * 16 + 8), row[1]);
-            }
-        }
-    }
-
-    /// # Safety
-    /// AVX2 and FMA, and [`super::Kernel::indirect`]'s contract with mr = 6, nr = 16.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2_6x16_indirect(
-        kc: usize,
-        a: *const f32,
-        b0: *const f32,
-        b1: *const f32,
-        offs: *const usize,
-        tile: *mut f32,
-    ) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
-        for k in 0..kc {
-            // SAFETY: k < kc, and the caller checked every read against the source's bounds.
-            unsafe {
-                let o = *offs.add(k);
-                let (x0, x1) = (_mm256_loadu_ps(b0.add(o)), _mm256_loadu_ps(b1.add(o)));
-                let ak = a.add(k * 6);
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let av = _mm256_broadcast_ss(&*ak.add(r));
-                    row[0] = _mm256_fmadd_ps(av, x0, row[0]);
-                    row[1] = _mm256_fmadd_ps(av, x1, row[1]);
-                }
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            // SAFETY: the tile holds 6 x 16 values.
-            unsafe {
-                _mm256_storeu_ps(tile.add(r * 16), row[0]);
-                _mm256_storeu_ps(tile.add(r * 16 + 8), row[1]);
-            }
-        }
-    }
-
-    /// # Safety
-    /// AVX2 and FMA, and [`super::Kernel::run`]'s contract with mr = 6, nr = 16.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2_6x16(kc: usize, a: *const f32, b: *const f32, tile: *mut f32) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
-        for k in 0..kc {
-            // SAFETY: k < kc: inside the panels.
-            unsafe {
-                let bk = b.add(k * 16);
-                let (b0, b1) = (_mm256_loadu_ps(bk), _mm256_loadu_ps(bk.add(8)));
-                let ak = a.add(k * 6);
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let av = _mm256_broadcast_ss(&*ak.add(r));
-                    row[0] = _mm256_fmadd_ps(av, b0, row[0]);
-                    row[1] = _mm256_fmadd_ps(av, b1, row[1]);
-                }
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            // SAFETY: the tile holds 6 x 16 values.
-            unsafe {
-                _mm256_storeu_ps(tile.add(r * 16), row[0]);
-                _mm256_storeu_ps(tile.add(r * 16 + 8), row[1]);
-            }
-        }
-    }
-}
+mod x86;
 
 /// Row-major matrices as [`Pack`] and [`Store`] (tests and dense layers).
 pub(crate) mod dense {
@@ -769,6 +688,13 @@ pub(crate) mod dense {
     }
 }
 
+#[doc(hidden)]
+pub(crate) fn bench_run(kern: Kernel, kc: usize, a: &[f32], b: &[f32], tile: &mut [f32]) {
+    assert!(a.len() >= kc * kern.mr && b.len() >= kc * kern.nr && tile.len() >= kern.mr * kern.nr);
+    // SAFETY: sizes checked above; the kernel runs on this CPU.
+    unsafe { (kern.run)(kc, a.as_ptr(), b.as_ptr(), tile.as_mut_ptr(), false) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::dense::{Matrix, Out};
@@ -840,11 +766,4 @@ mod tests {
         }
         assert_eq!(whole, parts);
     }
-}
-
-#[doc(hidden)]
-pub(crate) fn bench_run(kern: Kernel, kc: usize, a: &[f32], b: &[f32], tile: &mut [f32]) {
-    assert!(a.len() >= kc * kern.mr && b.len() >= kc * kern.nr && tile.len() >= kern.mr * kern.nr);
-    // SAFETY: sizes checked above; the kernel runs on this CPU.
-    unsafe { (kern.run)(kc, a.as_ptr(), b.as_ptr(), tile.as_mut_ptr()) }
 }
