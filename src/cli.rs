@@ -83,6 +83,10 @@ enum Command {
         /// DIR/<variant>/, and finished ones (with results.json) are skipped on a rerun.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Stop at the first variant that fails or diverges (by default the sweep goes on,
+        /// records it in the report, and exits 1 at the end).
+        #[arg(long)]
+        fail_fast: bool,
     },
     /// Run the embedded demo pipeline.
     Demo {
@@ -151,6 +155,11 @@ enum GraphFormat {
 pub(crate) enum Failure {
     Invalid(String),
     Runtime(String),
+    /// Training met a non-finite loss at `step` (exit 1, as a runtime error).
+    Diverged {
+        step: u64,
+        message: String,
+    },
     Interrupted,
 }
 
@@ -165,6 +174,7 @@ impl From<RunError> for Failure {
     fn from(e: RunError) -> Self {
         match e {
             RunError::Interrupted => Failure::Interrupted,
+            RunError::Diverged { step, .. } => Failure::Diverged { step, message: format!("error: {e}") },
             e => Failure::Runtime(format!("error: {e}")),
         }
     }
@@ -206,7 +216,7 @@ pub fn main() -> i32 {
             eprintln!("{msg}");
             2
         }
-        Err(Failure::Runtime(msg)) => {
+        Err(Failure::Runtime(msg) | Failure::Diverged { message: msg, .. }) => {
             eprintln!("{msg}");
             1
         }
@@ -295,7 +305,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             check_resume(&plan, &file, &dir)?;
             run_in(&plan, &common, dir, true)
         }
-        Command::Sweep { file, common, out } => sweep_cmd::sweep(&file, &common, out),
+        Command::Sweep { file, common, out, fail_fast } => sweep_cmd::sweep(&file, &common, out, fail_fast),
         Command::Demo { common, out } => {
             let plan = load_str(Path::new("pipelines/demo.yaml"), DEMO, &common.set, common.seed)?;
             run(&plan, &common, out)

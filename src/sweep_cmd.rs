@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use simclr_core::sweep::{self, Diagonal, Event, Report, Sweep, SweepError, Variant, VariantRunner};
+use simclr_core::sweep::{
+    self, Diagonal, Event, Report, RunOptions, Sweep, SweepError, Variant, VariantFailure, VariantRunner,
+};
 use simclr_core::Plan;
 
 use super::{check, run_in, Common, Failure};
@@ -26,15 +28,35 @@ struct CliRunner<'a> {
 impl VariantRunner for CliRunner<'_> {
     type Error = Failure;
 
-    fn run(&mut self, index: usize, variant: &Variant, dir: &Path) -> Result<(), Failure> {
+    fn run(
+        &mut self,
+        index: usize,
+        variant: &Variant,
+        dir: &Path,
+    ) -> Result<Result<(), VariantFailure>, Failure> {
         let plan = self.plans.get(index).ok_or_else(|| {
             Failure::Runtime(format!("internal error: no plan for variant '{}'", variant.name))
         })?;
-        run_in(plan, self.common, dir.to_path_buf(), false)
+        // Ctrl-C stops the sweep; any other failure is the variant's own.
+        match run_in(plan, self.common, dir.to_path_buf(), false) {
+            Ok(()) => Ok(Ok(())),
+            Err(Failure::Interrupted) => Err(Failure::Interrupted),
+            Err(Failure::Diverged { step, message }) => {
+                Ok(Err(VariantFailure::Diverged { step, reason: message }))
+            }
+            Err(Failure::Invalid(reason) | Failure::Runtime(reason)) => {
+                Ok(Err(VariantFailure::Failed { reason }))
+            }
+        }
     }
 }
 
-pub(crate) fn sweep(file: &Path, common: &Common, out: Option<PathBuf>) -> Result<(), Failure> {
+pub(crate) fn sweep(
+    file: &Path,
+    common: &Common,
+    out: Option<PathBuf>,
+    fail_fast: bool,
+) -> Result<(), Failure> {
     let mut set = common.set.clone();
     if let Some(s) = common.seed {
         set.push(format!("seed={s}"));
@@ -54,7 +76,7 @@ pub(crate) fn sweep(file: &Path, common: &Common, out: Option<PathBuf>) -> Resul
     let n = sw.variants.len();
     println!("sweep: {n} variant{} into {}", if n == 1 { "" } else { "s" }, dir.display());
     let mut runner = CliRunner { plans, common };
-    let result = sweep::run(&sw, &dir, &mut runner, |e| match e {
+    let result = sweep::run(&sw, &dir, &mut runner, RunOptions { fail_fast }, |e| match e {
         Event::Skipped { variant, dir } => {
             println!(
                 "variant '{}': finished earlier ({}), skipped",
@@ -75,6 +97,38 @@ pub(crate) fn sweep(file: &Path, common: &Common, out: Option<PathBuf>) -> Resul
                 dir.display()
             );
         }
+        Event::Failed { variant, failure } => {
+            let reason = match failure {
+                VariantFailure::Diverged { reason, .. } | VariantFailure::Failed { reason } => reason,
+            };
+            eprintln!("{reason}");
+            println!(
+                "variant '{}': {}; {}",
+                variant.name,
+                failure.describe(),
+                if fail_fast { "stopping (--fail-fast)" } else { "going on with the next" }
+            );
+        }
+        Event::SameAs { variant, of } => {
+            println!(
+                "variant '{}': the same pipeline as '{}', not run again (its results are copied)",
+                variant.name, of.name
+            )
+        }
+    });
+    // Failed variants are in the report; the sweep fails once everything else has run.
+    let result = result.and_then(|failed| {
+        if failed.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> =
+            failed.iter().map(|(v, f)| format!("'{}' ({})", v.name, f.describe())).collect();
+        Err(Failure::Runtime(format!(
+            "error: {} of {n} variant{} did not finish: {}",
+            failed.len(),
+            if n == 1 { "" } else { "s" },
+            list.join(", ")
+        )))
     });
     // The report covers what finished, also after a failure or Ctrl-C (then rerun to resume).
     if !matches!(result, Err(Failure::Invalid(_))) && dir.is_dir() {
@@ -131,8 +185,16 @@ fn chart(sw: &Sweep, rep: &Report, path: &Path) -> anyhow::Result<()> {
         };
         crate::plot::heatmap(path, &title, &axis(0, "axis 1"), &axis(1, "axis 2"), &m.rows, &m.cols, &values)
     } else {
-        let bars: Vec<(String, Option<f64>)> =
-            rep.rows.iter().enumerate().map(|(i, r)| (r.variant.clone(), value(i))).collect();
+        let bars: Vec<(String, Option<f64>)> = rep
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| match &r.failure {
+                // A failed variant's bar is its status ("n/a" and why).
+                Some(f) => (format!("{} ({})", r.variant, f.describe()), value(i)),
+                None => (r.variant.clone(), value(i)),
+            })
+            .collect();
         crate::plot::bar_chart(path, &format!("{metric} by variant"), metric, &bars)
     }
 }

@@ -72,11 +72,11 @@ fn a_grid_sweep_runs_every_variant_reports_and_resumes() {
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     assert_eq!(
         csv,
-        "variant,changes,chains.0.samples,simclr.linear_top1\n\
-         crop,first=crop,50,\n\
-         crop+color,first=crop; second=color,50,\n\
-         color+crop,first=color; second=crop,50,\n\
-         color,first=color,50,\n"
+        "variant,changes,status,chains.0.samples,simclr.linear_top1\n\
+         crop,first=crop,finished,50,\n\
+         crop+color,first=crop; second=color,finished,50,\n\
+         color+crop,first=color; second=crop,finished,50,\n\
+         color,first=color,finished,50,\n"
     );
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
     assert!(md.contains("| crop+color | `first=crop; second=color` | 50.00 |  |"), "{md}");
@@ -105,6 +105,73 @@ fn a_grid_sweep_runs_every_variant_reports_and_resumes() {
     let (ok, _, stderr) = sweep(&changed, &out);
     assert!(!ok);
     assert!(stderr.contains("'crop+color', 'color+crop', 'color'"), "{stderr}");
+}
+
+/// A tiny training pipeline; the `huge` variant's unnormalized logits overflow at once.
+const TRAINS: &str = "name: trains
+seed: 3
+stages:
+  - { id: data, kind: synthetic_shapes, count: 32, size: 16, classes: 4, shuffle: true }
+  - { id: views, kind: views, count: 2 }
+  - { id: crop, kind: random_resized_crop, size: 16, scale: [0.5, 1.0] }
+  - { id: tensor, kind: to_tensor }
+  - { id: batch, kind: batch, batch_size: 16 }
+  - id: train
+    kind: simclr_train
+    width: 0.125
+    head: { hidden_dim: 32, out_dim: 16 }
+    loss: { temperature: 0.5 }
+    optimizer: { kind: lars, lr: 1.0, lr_scaling: none }
+    epochs: 1
+    warmup_epochs: 0
+    checkpoint_every: 0
+sweep:
+  metrics: [train.steps]
+  variants:
+    huge: { train.loss.l2_normalize: false, train.loss.temperature: 1.0e-30 }
+    ok: {}
+    same: { train.loss.temperature: 0.5 }
+";
+
+#[test]
+fn a_diverging_variant_is_recorded_and_the_sweep_goes_on_then_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = write(tmp.path(), "t.yaml", TRAINS);
+    let out = tmp.path().join("sweep");
+    let (ok, stdout, stderr) = sweep(&file, &out);
+    assert!(!ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("variant 'huge': diverged at step 1; going on"), "{stdout}");
+    assert!(stderr.contains("1 of 3 variants did not finish: 'huge' (diverged at step 1)"), "{stderr}");
+    assert!(out.join("ok/results.json").is_file());
+    // `same` is `ok` written differently: run once, reported twice.
+    assert!(stdout.contains("variant 'same': the same pipeline as 'ok'"), "{stdout}");
+    assert_eq!(stdout.matches("== variant").count(), 2, "{stdout}");
+    assert!(out.join("same/results.json").is_file());
+    let failure: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("huge/failure.json")).unwrap()).unwrap();
+    assert_eq!(failure["status"], "diverged");
+    assert_eq!(failure["step"], 1);
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let huge = csv.lines().find(|l| l.starts_with("huge,")).unwrap();
+    assert!(huge.ends_with(",diverged at step 1,"), "{csv}");
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(md.contains("| huge (diverged at step 1) |"), "{md}");
+
+    // --fail-fast stops at the first failure.
+    let (ok, stdout, _) = {
+        let o = simclr()
+            .arg("sweep")
+            .arg(&file)
+            .arg("--out")
+            .arg(tmp.path().join("fast"))
+            .arg("--fail-fast")
+            .output()
+            .unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), ())
+    };
+    assert!(!ok);
+    assert!(stdout.contains("stopping (--fail-fast)"), "{stdout}");
+    assert_eq!(stdout.matches("== variant").count(), 1, "{stdout}");
 }
 
 #[test]

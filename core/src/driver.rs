@@ -36,11 +36,7 @@ fn info(plan: &Plan, i: usize) -> StageInfo {
 
 fn build(plan: &Plan, i: usize, run_dir: Option<&Path>, artifacts: &Artifacts) -> Result<Stage, RunError> {
     let s = &plan.stages[i];
-    s.config.build(&s.context(plan, run_dir, artifacts)).map_err(|e| RunError::Stage {
-        stage: s.id.clone(),
-        kind: s.kind.clone(),
-        message: e.to_string(),
-    })
+    s.config.build(&s.context(plan, run_dir, artifacts)).map_err(|e| RunError::stage(&s.id, &s.kind, e))
 }
 
 fn wrong_role(plan: &Plan, i: usize, want: &str) -> RunError {
@@ -182,11 +178,7 @@ pub fn run_plan(plan: &Plan, opts: &RunOptions, mode: Mode) -> Result<Vec<(Chain
                 let mut stages = build_chain(plan, &chain, mode, opts.run_dir.as_deref(), &opts.artifacts)?;
                 if opts.resume {
                     let (info, sink) = &mut stages.sink;
-                    sink.resume().map_err(|e| RunError::Stage {
-                        stage: info.id.clone(),
-                        kind: info.kind.clone(),
-                        message: e.to_string(),
-                    })?;
+                    sink.resume().map_err(|e| RunError::stage(&info.id, &info.kind, e))?;
                 }
                 let report = run_chain(stages, opts)?;
                 out.push((chain, report));
@@ -197,11 +189,7 @@ pub fn run_plan(plan: &Plan, opts: &RunOptions, mode: Mode) -> Result<Vec<(Chain
                     return Err(wrong_role(plan, i, "task"));
                 };
                 tracing::info!("stage '{}' ({}): running", s.id, s.kind);
-                task.run().map_err(|e| RunError::Stage {
-                    stage: s.id.clone(),
-                    kind: s.kind.clone(),
-                    message: e.to_string(),
-                })?;
+                task.run().map_err(|e| RunError::stage(&s.id, &s.kind, e))?;
             }
             Unit::Task(_) => {}
         }

@@ -109,6 +109,10 @@ pub enum StageError {
     /// Anything else: the run stops.
     #[error("{0}")]
     Fatal(String),
+    /// Training met a non-finite loss at `step`: the run stops, and a sweep records the
+    /// variant as diverged.
+    #[error("{message}")]
+    Diverged { step: u64, message: String },
 }
 
 impl StageError {
@@ -121,6 +125,17 @@ impl StageError {
     }
 }
 
+impl RunError {
+    /// A stage's error, naming the stage (a divergence stays one).
+    pub fn stage(stage: &str, kind: &str, e: StageError) -> Self {
+        let (stage, kind) = (stage.to_string(), kind.to_string());
+        match e {
+            StageError::Diverged { step, message } => RunError::Diverged { stage, kind, step, message },
+            e => RunError::Stage { stage, kind, message: e.to_string() },
+        }
+    }
+}
+
 /// Why a run ended without finishing.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -128,6 +143,8 @@ pub enum RunError {
     Sample { stage: String, kind: String, sample: u64, name: Option<String>, message: String },
     #[error("stage '{stage}' ({kind}) failed: {message}")]
     Stage { stage: String, kind: String, message: String },
+    #[error("stage '{stage}' ({kind}) failed: {message}")]
+    Diverged { stage: String, kind: String, step: u64, message: String },
     #[error("interrupted")]
     Interrupted,
     #[error("internal error: {0}")]

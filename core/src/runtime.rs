@@ -489,27 +489,15 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
     }
     let t = Instant::now();
     if let Some((binfo, b)) = batch.as_mut().filter(|_| worker_batch.is_none()) {
-        let last = b.flush().map_err(|e| RunError::Stage {
-            stage: binfo.id.clone(),
-            kind: binfo.kind.clone(),
-            message: e.to_string(),
-        })?;
+        let last = b.flush().map_err(|e| RunError::stage(&binfo.id, &binfo.kind, e))?;
         if let Some(out) = last {
             if let Some(h) = hasher.as_mut() {
                 out.digest_into(h);
             }
-            sink.consume(out).map_err(|e| RunError::Stage {
-                stage: sink_info.id.clone(),
-                kind: sink_info.kind.clone(),
-                message: e.to_string(),
-            })?;
+            sink.consume(out).map_err(|e| RunError::stage(&sink_info.id, &sink_info.kind, e))?;
         }
     }
-    sink.finish().map_err(|e| RunError::Stage {
-        stage: sink_info.id.clone(),
-        kind: sink_info.kind.clone(),
-        message: e.to_string(),
-    })?;
+    sink.finish().map_err(|e| RunError::stage(&sink_info.id, &sink_info.kind, e))?;
     sink_counters.busy_ns.fetch_add(nanos(t.elapsed()), Ordering::Relaxed);
     sink_counters.items.store(delivered, Ordering::Relaxed);
 
@@ -567,6 +555,9 @@ fn spawn(
 }
 
 fn sample_error(info: &StageInfo, index: u64, name: Option<&str>, e: StageError) -> RunError {
+    if let StageError::Diverged { .. } = e {
+        return RunError::stage(&info.id, &info.kind, e);
+    }
     RunError::Sample {
         stage: info.id.clone(),
         kind: info.kind.clone(),
@@ -633,11 +624,7 @@ impl WorkerBatch {
             Ok(b) => self.out.extend(b),
             Err(e) => {
                 // As on the collector: a failed partial batch names the stage, not a sample.
-                shared.fail(RunError::Stage {
-                    stage: self.info.id.clone(),
-                    kind: self.info.kind.clone(),
-                    message: e.to_string(),
-                });
+                shared.fail(RunError::stage(&self.info.id, &self.info.kind, e));
                 return None;
             }
         }

@@ -246,11 +246,14 @@ impl Sink for TrainSink {
         let stats = match self.engine.step(&v1.data, &v2.data, shape, lr) {
             Ok(s) => s,
             Err(StepError::NonFinite(loss)) => {
-                return Err(StageError::fatal(format!(
-                "loss is {loss} at step {} (epoch {}, lr {lr:.4}): training diverged; lower `optimizer.lr` \
-                     (now {} before scaling) or lengthen `warmup_epochs`",
-                self.step, sample.epoch, self.cfg.optimizer.lr
-            )))
+                return Err(StageError::Diverged {
+                    step: self.step,
+                    message: format!(
+                        "loss is {loss} at step {} (epoch {}, lr {lr:.4}): training diverged; lower `optimizer.lr` \
+                         (now {} before scaling) or lengthen `warmup_epochs`",
+                        self.step, sample.epoch, self.cfg.optimizer.lr
+                    ),
+                })
             }
             Err(StepError::Other(msg)) => return Err(StageError::fatal(msg)),
         };

@@ -38,13 +38,18 @@ pub(crate) struct Kernel {
 type IndirectFn = unsafe fn(usize, *const f32, *const f32, *const f32, *const usize, *mut f32, bool);
 type ArowsFn = unsafe fn(usize, *const f32, *const usize, *const usize, *const f32, *mut f32, bool);
 
-/// The widest microkernel this CPU runs.
+/// The widest microkernel this CPU runs, or a narrower one named by `SIMCLR_CPU_KERNEL`
+/// (`avx2`, `portable`): to measure what an older CPU would get, on this one.
 pub(crate) fn kernel() -> Kernel {
     static K: OnceLock<Kernel> = OnceLock::new();
     *K.get_or_init(|| {
+        let cap = std::env::var("SIMCLR_CPU_KERNEL").unwrap_or_default();
+        if cap == "portable" {
+            return portable();
+        }
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if std::arch::is_x86_feature_detected!("avx512f") && cap != "avx2" {
                 return Kernel {
                     mr: 8,
                     nr: 32,

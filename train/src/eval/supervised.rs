@@ -493,10 +493,13 @@ impl SupervisedSink {
             let (loss, acc) = match engine.step(&view.data, &labels, shape, lr) {
                 Ok(x) => x,
                 Err(StepError::NonFinite(l)) => {
-                    return Err(StageError::fatal(format!(
-                        "loss is {l} at step {}: training diverged; lower `optimizer.lr`",
-                        self.step
-                    )))
+                    return Err(StageError::Diverged {
+                        step: self.step,
+                        message: format!(
+                            "loss is {l} at step {}: training diverged; lower `optimizer.lr`",
+                            self.step
+                        ),
+                    })
                 }
                 Err(StepError::Other(m)) => return Err(StageError::fatal(m)),
             };
