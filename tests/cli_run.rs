@@ -64,6 +64,22 @@ fn a_stage_failing_on_sample_1000_exits_1_naming_it() {
 }
 
 #[test]
+fn output_to_a_pipe_has_no_escape_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "p.yaml",
+        "name: p\nstages:\n  - { id: data, kind: counter, count: 10 }\n  - { id: sink, kind: null }\n",
+    );
+    let out = simclr().arg("run").arg(&file).arg("--out").arg(dir.path().join("run")).output().unwrap();
+    assert!(out.status.success());
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // A pipeline without images warns that it has no views to draw: a coloured WARN on a terminal.
+    assert!(stderr.contains("WARN"), "{stderr}");
+    assert!(!stdout.contains('\x1b') && !stderr.contains('\x1b'), "{stdout:?}\n{stderr:?}");
+}
+
+#[test]
 fn ctrl_c_exits_130() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(
