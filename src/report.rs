@@ -38,85 +38,140 @@ fn pct(v: Option<&Value>) -> String {
     v.and_then(Value::as_f64).map_or_else(|| "-".into(), |x| format!("{x:.1}"))
 }
 
-/// The results table: method x dataset, linear (top-1 / top-5), kNN top-1, and fine-tuned top-1
-/// for each label fraction.
+fn list<'a>(results: &'a Map<String, Value>, key: &str) -> Vec<&'a Value> {
+    results.get(key).and_then(Value::as_array).map(|a| a.iter().collect()).unwrap_or_default()
+}
+
+fn fraction(e: &Value) -> f64 {
+    e["label_fraction"].as_f64().unwrap_or(1.0)
+}
+
+/// The results tables: linear evaluation with every label (the paper's Table 8 shape: method x
+/// dataset, linear top-1 / top-5 / train top-1, kNN top-1), then, when the run has them, the
+/// semi-supervised comparison on a share of the labels (Table 7's shape: from scratch, linear
+/// probe and fine-tuned, top-1 with the training accuracy in brackets).
 pub fn table(results: &Map<String, Value>) -> String {
-    let list = |key: &str| -> Vec<&Value> {
-        results.get(key).and_then(Value::as_array).map(|a| a.iter().collect()).unwrap_or_default()
-    };
-    let (evals, finetunes) = (list("evals"), list("finetunes"));
+    let (evals, finetunes) = (list(results, "evals"), list(results, "finetunes"));
+    let full: Vec<&Value> = evals.iter().copied().filter(|e| fraction(e) >= 1.0).collect();
     let mut datasets: Vec<String> = Vec::new();
-    for e in evals.iter().chain(&finetunes) {
+    for e in &full {
         if let Some(d) = e["dataset"].as_str() {
             if !datasets.iter().any(|x| x == d) {
                 datasets.push(d.to_string());
             }
         }
     }
-    // (dataset, percent) pairs of fine-tuning runs, in order.
-    let mut ft_cols: Vec<(String, f64)> = Vec::new();
-    for f in &finetunes {
-        if let (Some(d), Some(p)) = (f["dataset"].as_str(), f["label_fraction"].as_f64()) {
-            let pct = (p * 100.0).round();
-            if !ft_cols.iter().any(|(x, q)| x == d && *q == pct) {
-                ft_cols.push((d.to_string(), pct));
-            }
-        }
-    }
     let mut s = String::new();
-    let _ = write!(s, "| method |");
-    for d in &datasets {
-        let _ = write!(s, " {d} linear top-1 | {d} linear top-5 | {d} kNN top-1 |");
-    }
-    for (d, pct) in &ft_cols {
-        let _ = write!(s, " {d} fine-tuned ({pct}% labels) top-1 |");
-    }
-    s.push('\n');
-    s.push_str("|---|");
-    s.push_str(&"---:|".repeat(3 * datasets.len() + ft_cols.len()));
-    s.push('\n');
-    let mut methods = methods(results);
-    for f in &finetunes {
-        if let Some(m) = f["method"].as_str() {
-            if !methods.iter().any(|x| x == m) {
-                methods.push(m.to_string());
+    if !datasets.is_empty() {
+        let _ = write!(s, "| method |");
+        for d in &datasets {
+            let _ = write!(s, " {d} linear top-1 | top-5 | train top-1 | kNN top-1 |");
+        }
+        s.push_str("\n|---|");
+        s.push_str(&"---:|".repeat(4 * datasets.len()));
+        s.push('\n');
+        for m in methods(results) {
+            let _ = write!(s, "| {} |", label(&m));
+            for d in &datasets {
+                // The last evaluation of this method on this dataset holds its final figures.
+                let metrics = full
+                    .iter()
+                    .rev()
+                    .filter(|e| e["method"].as_str() == Some(&m) && e["dataset"].as_str() == Some(d))
+                    .fold(Map::new(), |mut acc, e| {
+                        if let Some(o) = e["metrics"].as_object() {
+                            for (k, v) in o {
+                                acc.entry(k.clone()).or_insert_with(|| v.clone());
+                            }
+                        }
+                        acc
+                    });
+                let _ = write!(
+                    s,
+                    " {} | {} | {} | {} |",
+                    pct(metrics.get("linear_top1")),
+                    pct(metrics.get("linear_top5")),
+                    pct(metrics.get("linear_train_top1")),
+                    pct(metrics.get("knn_top1"))
+                );
             }
+            s.push('\n');
         }
     }
-    for m in methods {
-        let _ = write!(s, "| {} |", label(&m));
-        for d in &datasets {
-            // The last evaluation of this method on this dataset holds its final figures.
-            let metrics = evals
-                .iter()
-                .rev()
-                .filter(|e| e["method"].as_str() == Some(&m) && e["dataset"].as_str() == Some(d))
-                .fold(Map::new(), |mut acc, e| {
-                    if let Some(o) = e["metrics"].as_object() {
-                        for (k, v) in o {
-                            acc.entry(k.clone()).or_insert_with(|| v.clone());
-                        }
-                    }
-                    acc
-                });
-            let _ = write!(
+    // The supervised baseline's own fit: a baseline stopped early would say so here.
+    for (method, v) in results {
+        if let Some(acc) = v.get("train_top1").and_then(Value::as_f64) {
+            let _ = writeln!(
                 s,
-                " {} | {} | {} |",
-                pct(metrics.get("linear_top1")),
-                pct(metrics.get("linear_top5")),
-                pct(metrics.get("knn_top1"))
+                "\n{} training accuracy (last epoch, augmented images): {acc:.1}%",
+                label(method)
             );
         }
-        for (d, p) in &ft_cols {
-            let key = format!("finetune_{p}pct_top1");
-            let v = finetunes
-                .iter()
-                .rev()
-                .find(|f| f["method"].as_str() == Some(&m) && f["dataset"].as_str() == Some(d))
-                .and_then(|f| f["metrics"].get(&key));
-            let _ = write!(s, " {} |", pct(v));
+    }
+    let semi = semi_supervised(&evals, &finetunes);
+    if !semi.is_empty() {
+        if !s.is_empty() {
+            s.push('\n');
         }
-        s.push('\n');
+        s.push_str(&semi);
+    }
+    s
+}
+
+/// Table 7's shape: rows from scratch / linear probe / fine-tuned, one column per (dataset,
+/// label share); each cell `top-1 (train top-1)`.
+fn semi_supervised(evals: &[&Value], finetunes: &[&Value]) -> String {
+    let partial: Vec<&Value> = evals.iter().copied().filter(|e| fraction(e) < 1.0).collect();
+    let mut cols: Vec<(String, f64)> = Vec::new();
+    for e in partial.iter().chain(finetunes) {
+        if let Some(d) = e["dataset"].as_str() {
+            let f = fraction(e);
+            if !cols.iter().any(|(x, g)| x == d && *g == f) {
+                cols.push((d.to_string(), f));
+            }
+        }
+    }
+    if cols.is_empty() {
+        return String::new();
+    }
+    let cell = |rows: &[&Value], method: Option<&str>, prefix: &str, d: &str, f: f64| -> String {
+        let p = simclr_train::eval::subset::pct(f);
+        let found = rows.iter().rev().find(|e| {
+            e["dataset"].as_str() == Some(d)
+                && fraction(e) == f
+                && method.is_none_or(|m| e["method"].as_str() == Some(m))
+                && e["metrics"].get(format!("{prefix}_{p}pct_top1")).is_some()
+        });
+        match found {
+            Some(e) => {
+                let top1 = pct(e["metrics"].get(format!("{prefix}_{p}pct_top1")));
+                let train = e["metrics"].get(format!("{prefix}_{p}pct_train_top1"));
+                match train {
+                    Some(t) => format!("{top1} ({})", pct(Some(t))),
+                    None => top1,
+                }
+            }
+            None => "-".into(),
+        }
+    };
+    let mut s = String::from("| with a share of the labels |");
+    for (d, f) in &cols {
+        let _ = write!(s, " {d}, {}% labels: top-1 (train) |", simclr_train::eval::subset::pct(*f));
+    }
+    s.push_str("\n|---|");
+    s.push_str(&"---:|".repeat(cols.len()));
+    s.push('\n');
+    let rows: [(&str, &[&Value], Option<&str>, &str); 3] = [
+        ("Supervised, from scratch", finetunes, Some("supervised"), "scratch"),
+        ("SimCLR (ours), linear probe", &partial, Some("simclr"), "linear"),
+        ("SimCLR (ours), fine-tuned", finetunes, Some("simclr"), "finetune"),
+    ];
+    for (name, source, method, prefix) in rows {
+        let cells: Vec<String> = cols.iter().map(|(d, f)| cell(source, method, prefix, d, *f)).collect();
+        if cells.iter().all(|c| c == "-") {
+            continue;
+        }
+        let _ = writeln!(s, "| {name} | {} |", cells.join(" | "));
     }
     s
 }
@@ -131,11 +186,28 @@ pub fn write_markdown(
     let mut s = format!("# {name}: run report\n\n");
     if results.get("evals").is_some() || results.get("finetunes").is_some() {
         s.push_str(
-            "Accuracy (%) on the held-out split, frozen encoders (the paper's Table 8 shape: linear \
-                    evaluation next to the baselines from the same backbone).\n\n",
+            "Accuracy (%) on the held-out split. First frozen encoders with every label (the paper's \
+                    Table 8 shape: linear evaluation next to the baselines from the same backbone), then, \
+                    when the run has them, a share of the labels (Table 7's shape: the same network trained \
+                    from scratch, a linear probe on frozen SimCLR features and SimCLR fine-tuned, all on \
+                    the same class-balanced subset). Training accuracy is in brackets, so overfitting \
+                    shows.\n\n",
         );
         s.push_str(&table(results));
         s.push('\n');
+        let warnings = list(results, "warnings");
+        if !warnings.is_empty() {
+            s.push_str("Warnings (results that may not support a claim):\n\n");
+            for w in warnings {
+                let _ = writeln!(
+                    s,
+                    "- '{}': {}",
+                    w["stage"].as_str().unwrap_or("?"),
+                    w["message"].as_str().unwrap_or("")
+                );
+            }
+            s.push('\n');
+        }
         if let Some(e) = results.get("evals").and_then(Value::as_array).and_then(|a| a.first()) {
             let _ = writeln!(
                 s,
@@ -237,17 +309,29 @@ mod tests {
             "simclr": {"linear_top1": 70.0},
             "evals": [
                 {"method": "random_init", "dataset": "cifar10", "metrics": {"linear_top1": 30.0, "linear_top5": 80.0}},
-                {"method": "simclr", "dataset": "cifar10", "metrics": {"linear_top1": 70.25, "knn_top1": 60.0}},
+                {"method": "simclr", "dataset": "cifar10", "metrics": {"linear_top1": 70.25, "knn_top1": 60.0, "linear_train_top1": 75.0}},
+                {"method": "simclr", "dataset": "cifar10", "label_fraction": 0.1,
+                 "metrics": {"linear_10pct_top1": 61.0, "linear_10pct_train_top1": 90.0}},
             ],
             "finetunes": [
-                {"method": "simclr", "dataset": "cifar10", "label_fraction": 0.1, "metrics": {"finetune_10pct_top1": 80.0}},
+                {"method": "simclr", "dataset": "cifar10", "label_fraction": 0.1,
+                 "metrics": {"finetune_10pct_top1": 80.0, "finetune_10pct_train_top1": 99.0}},
+                {"method": "supervised", "dataset": "cifar10", "label_fraction": 0.1,
+                 "metrics": {"scratch_10pct_top1": 50.0}},
             ]
         });
         let t = table(r.as_object().unwrap_or(&Map::new()));
         let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines.len(), 4, "{t}");
-        assert!(lines[0].contains("cifar10 linear top-1") && lines[0].contains("fine-tuned (10% labels)"));
-        assert_eq!(lines[2], "| SimCLR (ours) | 70.2 | - | 60.0 | 80.0 |");
+        assert_eq!(lines.len(), 10, "{t}");
+        assert!(
+            lines[0].starts_with("| method | cifar10 linear top-1 | top-5 | train top-1 | kNN top-1 |"),
+            "{t}"
+        );
+        assert_eq!(lines[2], "| SimCLR (ours) | 70.2 | - | 75.0 | 60.0 |");
         assert_eq!(lines[3], "| Random init | 30.0 | 80.0 | - | - |");
+        assert_eq!(lines[5], "| with a share of the labels | cifar10, 10% labels: top-1 (train) |");
+        assert_eq!(lines[7], "| Supervised, from scratch | 50.0 |");
+        assert_eq!(lines[8], "| SimCLR (ours), linear probe | 61.0 (90.0) |");
+        assert_eq!(lines[9], "| SimCLR (ours), fine-tuned | 80.0 (99.0) |");
     }
 }

@@ -149,15 +149,39 @@ pub fn data_sources(plan: &Plan, opts: &RunOptions) -> Result<(), RunError> {
             let Stage::Source(src) = build(plan, i, opts.run_dir.as_deref(), &opts.artifacts)? else {
                 return Err(wrong_role(plan, i, "source"));
             };
-            opts.artifacts.put(&s.id, DataSource { id: s.id.clone(), kind: s.kind.clone(), source: src });
+            let name = dataset_name(s);
+            opts.artifacts
+                .put(&s.id, DataSource { id: s.id.clone(), kind: s.kind.clone(), name, source: src });
         }
     }
     Ok(())
 }
 
-/// A source handed to tasks (evaluation data), with its stage id and kind.
+/// What reports call a source's data: its `name:`, else a folder's own name (`image_folder`),
+/// else the stage id.
+pub fn dataset_name(s: &crate::graph::PlannedStage) -> String {
+    if let Some(n) = &s.name {
+        return n.clone();
+    }
+    if s.kind == "image_folder" {
+        let folder = s.fields.value.get("path").and_then(|p| match &p.value {
+            crate::yaml::Node::Str(p) => {
+                Path::new(p).components().next_back().map(|c| c.as_os_str().to_string_lossy().into_owned())
+            }
+            _ => None,
+        });
+        if let Some(f) = folder.filter(|f| !f.is_empty() && f != "." && f != "..") {
+            return f;
+        }
+    }
+    s.id.clone()
+}
+
+/// A source handed to tasks (evaluation data), with its stage id, kind and dataset name.
 pub struct DataSource {
     pub id: String,
+    /// What reports call its data (see [`dataset_name`]).
+    pub name: String,
     pub kind: String,
     pub source: Arc<dyn Source>,
 }

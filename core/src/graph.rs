@@ -25,6 +25,8 @@ pub struct PlannedStage {
     pub output_port: PortType,
     pub workers: Option<usize>,
     pub capacity: Option<usize>,
+    /// The `name:` the file gives the stage's data, if any.
+    pub name: Option<String>,
     pub pos: Pos,
     /// The user-written fields, for graph labels.
     pub fields: Spanned<Node>,
@@ -422,6 +424,7 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
                 input_port,
                 output_port: out_ports[i].unwrap_or(PortType::Nothing),
                 workers: s.workers,
+                name: s.name.clone(),
                 capacity: s.capacity,
                 pos: s.pos,
                 fields: s.config.clone(),

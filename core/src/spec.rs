@@ -6,7 +6,7 @@ use crate::error::{Diagnostic, Diagnostics};
 use crate::yaml::{self, Node, Pos, Spanned};
 
 /// Keys every stage may carry besides its kind's own fields.
-pub const COMMON_STAGE_KEYS: &[&str] = &["id", "kind", "input", "inputs", "workers", "capacity"];
+pub const COMMON_STAGE_KEYS: &[&str] = &["id", "kind", "name", "input", "inputs", "workers", "capacity"];
 const TOP_KEYS: &[&str] =
     &["name", "seed", "plugins", "stages", "sweep", "fuse", "chunk", "profiles", "profile"];
 
@@ -19,6 +19,8 @@ pub struct StageSpec {
     pub inputs: Option<Vec<Spanned<String>>>,
     pub workers: Option<usize>,
     pub capacity: Option<usize>,
+    /// What reports call the stage's data (`name:`; a source's dataset name), if given.
+    pub name: Option<String>,
     /// The kind's own fields, as a mapping.
     pub config: Spanned<Node>,
     pub pos: Pos,
@@ -355,6 +357,16 @@ fn stage_spec(file: &Path, item: &Spanned<Node>, diags: &mut Diagnostics) -> Opt
     };
     let workers = count("workers", diags);
     let capacity = count("capacity", diags);
+    let name = item.value.get("name").and_then(|v| match &v.value {
+        Node::Str(s) if !s.trim().is_empty() => Some(s.clone()),
+        _ => {
+            diags
+                .push(stage_diag(v.pos, "`name` must be a non-empty string".to_string()).fix(
+                    "name the data as reports should show it, e.g. `name: my-photos`, or remove `name`",
+                ));
+            None
+        }
+    });
     let config = Node::Map(
         entries.iter().filter(|(k, _)| !COMMON_STAGE_KEYS.contains(&k.value.as_str())).cloned().collect(),
     );
@@ -364,6 +376,7 @@ fn stage_spec(file: &Path, item: &Spanned<Node>, diags: &mut Diagnostics) -> Opt
         inputs,
         workers,
         capacity,
+        name,
         config: Spanned::new(config, item.pos),
         pos: item.pos,
     })
@@ -501,7 +514,7 @@ fn swapped(
         for (k, v) in old_entries {
             let keep = match k.value.as_str() {
                 "input" | "inputs" => !gives_input,
-                "workers" | "capacity" => !entries.iter().any(|(e, _)| e.value == k.value),
+                "workers" | "capacity" | "name" => !entries.iter().any(|(e, _)| e.value == k.value),
                 _ => false,
             };
             if keep {

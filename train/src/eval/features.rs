@@ -229,6 +229,7 @@ pub fn encode_items(
         }
         pixels.extend(image_to_chw(&img, mean, std).data);
         out.y.push(label);
+        out.index.push(i);
     }
     if let (Some((w, h)), n @ 1..) = (shape, out.y.len()) {
         out.x = encode(&pixels, [n, 3, h as usize, w as usize]).map_err(StageError::fatal)?;
@@ -264,6 +265,7 @@ pub fn extract(
             out.dim = f.dim;
             out.x.extend(f.x);
             out.y.extend(f.y);
+            out.index.extend(f.index);
         }
     }
     if out.is_empty() {

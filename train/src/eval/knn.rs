@@ -60,10 +60,11 @@ mod tests {
     fn hand_computed_case() {
         // Train: three points at angles 0, 10 and 90 degrees; labels 0, 1, 1.
         let (c10, s10) = (10f32.to_radians().cos(), 10f32.to_radians().sin());
-        let train = Features { x: vec![1.0, 0.0, c10, s10, 0.0, 2.0], y: vec![0, 1, 1], dim: 2 };
+        let train =
+            Features { x: vec![1.0, 0.0, c10, s10, 0.0, 2.0], y: vec![0, 1, 1], dim: 2, index: vec![] };
         // Query at 2 degrees: similarities cos 2 (label 0), cos 8 (label 1), cos 88 (label 1).
         let q = 2f32.to_radians();
-        let test = Features { x: vec![q.cos() * 3.0, q.sin() * 3.0], y: vec![0], dim: 2 };
+        let test = Features { x: vec![q.cos() * 3.0, q.sin() * 3.0], y: vec![0], dim: 2, index: vec![] };
         let t = 0.1;
         let w = |deg: f64| (deg.to_radians().cos() / t).exp();
         // k = 2: label 0 gets w(2), label 1 gets w(8); w(2) > w(8) -> class 0.

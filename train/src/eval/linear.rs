@@ -17,9 +17,35 @@ pub struct Features {
     pub x: Vec<f32>,
     pub y: Vec<u32>,
     pub dim: usize,
+    /// Each row's dataset index (empty: row r is item r).
+    pub index: Vec<u64>,
 }
 
 impl Features {
+    /// The dataset index of row `r`.
+    pub fn index_of(&self, r: usize) -> u64 {
+        self.index.get(r).copied().unwrap_or(r as u64)
+    }
+
+    /// (dataset index, label) of every row.
+    pub fn labeled(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.y.iter().enumerate().map(|(r, &y)| (self.index_of(r), y))
+    }
+
+    /// The rows whose dataset index `keep` accepts.
+    pub fn rows(&self, keep: impl Fn(u64) -> bool) -> Features {
+        let mut out = Features { dim: self.dim, ..Features::default() };
+        for r in 0..self.len() {
+            let i = self.index_of(r);
+            if keep(i) {
+                out.x.extend_from_slice(&self.x[r * self.dim..(r + 1) * self.dim]);
+                out.y.push(self.y[r]);
+                out.index.push(i);
+            }
+        }
+        out
+    }
+
     pub fn len(&self) -> usize {
         self.y.len()
     }
@@ -67,7 +93,7 @@ impl Standardizer {
                 *v = ((f64::from(*v) - m) * s) as f32;
             }
         }
-        Features { x, y: f.y.clone(), dim: f.dim }
+        Features { x, y: f.y.clone(), dim: f.dim, index: f.index.clone() }
     }
 }
 
@@ -329,6 +355,7 @@ pub fn fit_sgd(
                 x: idx.iter().flat_map(|&i| f.row(i).iter().copied()).collect(),
                 y: idx.iter().map(|&i| f.y[i]).collect(),
                 dim: f.dim,
+                index: Vec::new(),
             };
             loss = sgd.step(&sub);
         }
@@ -396,6 +423,7 @@ mod tests {
             x: (0..n * 16).map(|_| rng.random_range(-1.0..1.0)).collect(),
             y: (0..n).map(|_| rng.random_range(0..4)).collect(),
             dim: 16,
+            index: Vec::new(),
         };
         let (train, test) = (rand_feats(400), rand_feats(4000));
         let (m, _) = fit_lbfgs(&train, 4, 1e-2, 300, 1e-6);
@@ -405,7 +433,8 @@ mod tests {
 
     #[test]
     fn standardizer_centres_and_scales() {
-        let f = Features { x: vec![1.0, 10.0, 3.0, 10.0, 5.0, 10.0], y: vec![0, 1, 0], dim: 2 };
+        let f =
+            Features { x: vec![1.0, 10.0, 3.0, 10.0, 5.0, 10.0], y: vec![0, 1, 0], dim: 2, index: vec![] };
         let s = Standardizer::fit(&f);
         assert_eq!(s.mean, vec![3.0, 10.0]);
         let z = s.apply(&f);

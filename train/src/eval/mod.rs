@@ -5,6 +5,7 @@ pub mod features;
 pub mod knn;
 pub mod linear;
 pub mod stages;
+pub mod subset;
 pub mod supervised;
 
 /// Registers the evaluation stage kinds.

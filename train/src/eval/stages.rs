@@ -13,6 +13,7 @@ use super::features::{
 };
 use super::knn::knn_accuracy;
 use super::linear::{fit_lbfgs, fit_sgd, Features, Standardizer};
+use super::subset;
 use crate::export::{write_safetensors, Data, NamedTensor};
 use crate::trainer::make_engine;
 
@@ -115,6 +116,11 @@ pub struct LinearEval {
     /// Also report kNN accuracy on the same features (default true).
     #[serde(default = "yes")]
     pub knn: bool,
+    /// Fit on a class-balanced share of the training labels (default 1: all). Below 1 the
+    /// keys are `linear_<pct>pct_top1` etc.; the subset is the one `fine_tune` uses for the
+    /// same share of the same data and seed (the paper's semi-supervised comparison, Table 7).
+    #[serde(default = "one")]
+    pub label_fraction: f64,
     /// kNN neighbours (default 200) and temperature (default 0.1).
     #[serde(default = "k")]
     pub k: usize,
@@ -126,6 +132,9 @@ pub struct LinearEval {
 
 fn l2() -> f64 {
     1e-4
+}
+fn one() -> f64 {
+    1.0
 }
 fn max_iter() -> usize {
     500
@@ -192,6 +201,20 @@ impl StageConfig for LinearEval {
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             out.push(Problem::new("lr", "`lr` must be positive", "e.g. `lr: 0.1`"));
+        }
+        if !(self.label_fraction > 0.0 && self.label_fraction <= 1.0) {
+            out.push(Problem::new(
+                "label_fraction",
+                "`label_fraction` must be in (0, 1]",
+                "e.g. `label_fraction: 0.1` (10% of the labels)",
+            ));
+        }
+        if self.label_fraction < 1.0 && self.protocol == Protocol::Sgd && self.augment {
+            out.push(Problem::new(
+                "label_fraction",
+                "`label_fraction` below 1 works on cached features; the augmented `sgd` protocol re-reads every image",
+                "use `protocol: lbfgs` (the default) or `augment: false`",
+            ));
         }
         check_knn(self.k, self.temperature, out);
         out.extend(self.transform.problems("transform"));
@@ -266,13 +289,31 @@ impl Task for EvalTask {
             Eval::Linear(c) => (&c.encoders, &c.train_data, &c.test_data, &c.transform),
             Eval::Knn(c) => (&c.encoders, &c.train_data, &c.test_data, &c.transform),
         };
-        let dataset = source_of(cx, "train_data", train_id)?.kind.clone();
+        let dataset = source_of(cx, "train_data", train_id)?.name.clone();
         for id in encoders {
             let method = encoder_of(cx, "encoders", id)?.method.clone();
-            let train = cached_features(cx, id, train_id, "train_data", t)?;
+            let mut train = cached_features(cx, id, train_id, "train_data", t)?;
             let test = cached_features(cx, id, test_id, "test_data", t)?;
             let n_classes = classes(&train, &test);
             let mut metrics = Map::new();
+            let mut warnings = Vec::new();
+            let mut pct = None;
+            if let Eval::Linear(c) = &self.cfg {
+                if c.label_fraction < 1.0 {
+                    let sub = subset::balanced(train.labeled(), c.label_fraction, cx.seed);
+                    warnings.extend(subset::thin(&sub, n_classes));
+                    train = std::sync::Arc::new(train.rows(|i| sub.contains(i)));
+                    pct = Some(subset::pct(c.label_fraction));
+                }
+            }
+            // `linear_top1`, or `linear_10pct_top1` on a share of the labels.
+            let key = |k: &str| match &pct {
+                Some(p) => {
+                    let (head, tail) = k.split_once('_').unwrap_or((k, ""));
+                    format!("{head}_{p}pct_{tail}")
+                }
+                None => k.to_string(),
+            };
             match &self.cfg {
                 Eval::Linear(c) => {
                     let start = Instant::now();
@@ -301,12 +342,14 @@ impl Task for EvalTask {
                         rep.iterations,
                         start.elapsed().as_secs_f64()
                     );
-                    metrics.extend(obj(json!({
-                        "linear_top1": top1, "linear_top5": top5, "linear_train_top1": train_top1,
-                    })));
+                    metrics.insert(key("linear_top1"), json!(top1));
+                    metrics.insert(key("linear_top5"), json!(top5));
+                    metrics.insert(key("linear_train_top1"), json!(train_top1));
+                    warnings.extend(subset::near_chance(train_top1, n_classes));
                     if c.knn {
                         let (k1, k5) = knn_accuracy(&train, &test, n_classes, c.k, c.temperature);
-                        metrics.extend(obj(json!({"knn_top1": k1, "knn_top5": k5})));
+                        metrics.insert(key("knn_top1"), json!(k1));
+                        metrics.insert(key("knn_top5"), json!(k5));
                     }
                 }
                 Eval::Knn(c) => {
@@ -314,6 +357,31 @@ impl Task for EvalTask {
                     tracing::info!("'{}': {method} ('{id}') kNN top-1 {k1:.2}%", cx.stage_id);
                     metrics.extend(obj(json!({"knn_top1": k1, "knn_top5": k5})));
                 }
+            }
+            if n_classes > 0 && train.len() < 2 * n_classes && pct.is_none() {
+                warnings.push(format!(
+                    "{} training samples for {n_classes} classes (fewer than 2 per class): the accuracy says little",
+                    train.len()
+                ));
+            }
+            let seen: std::collections::BTreeSet<u32> = train.y.iter().copied().collect();
+            let unseen: Vec<String> = test
+                .y
+                .iter()
+                .filter(|y| !seen.contains(y))
+                .map(|y| y.to_string())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            if !unseen.is_empty() && pct.is_none() {
+                warnings.push(format!(
+                    "test classes {} never appear in '{train_id}': they cannot be predicted",
+                    unseen.join(", ")
+                ));
+            }
+            for w in &warnings {
+                tracing::warn!("'{}': {method} ('{id}'): {w}", cx.stage_id);
+                cx.artifacts.push("warnings", json!({"stage": cx.stage_id, "encoder": id, "message": w}));
             }
             cx.artifacts.record(&method, metrics.clone());
             // Also by encoder stage: sweeps compare variants whose encoder changes kind
@@ -324,6 +392,7 @@ impl Task for EvalTask {
                 json!({
                     "stage": cx.stage_id, "encoder": id, "method": method, "dataset": dataset,
                     "train_data": train_id, "test_data": test_id, "train_size": train.len(),
+                    "label_fraction": match &self.cfg { Eval::Linear(c) => c.label_fraction, Eval::Knn(_) => 1.0 },
                     "test_size": test.len(), "classes": n_classes, "feature_dim": train.dim,
                     "metrics": metrics,
                 }),
@@ -476,7 +545,7 @@ mod tests {
             serde_json::from_value(json!({"count": count, "size": 16, "classes": 3, "split": split}))
                 .unwrap();
         let Ok(Stage::Source(source)) = cfg.build(cx) else { panic!("not a source") };
-        DataSource { id: id.into(), kind: "synthetic_shapes".into(), source }
+        DataSource { id: id.into(), kind: "synthetic_shapes".into(), name: id.into(), source }
     }
 
     /// A context whose artifacts hold sources `tr` and `te` of the given sizes and an untrained
@@ -532,6 +601,49 @@ mod tests {
         let a = run();
         assert!((0.0..=100.0).contains(&a));
         assert_eq!(a, run(), "same seed, same result");
+    }
+
+    #[test]
+    fn a_label_share_fits_on_the_balanced_subset_of_the_training_split() {
+        let cx = setup(90, 30);
+        let artifacts = cx.artifacts.clone();
+        let cfg: LinearEval = serde_json::from_value(json!({
+            "encoders": ["enc"], "train_data": "tr", "test_data": "te", "k": 3, "label_fraction": 0.1
+        }))
+        .unwrap();
+        let Ok(Stage::Task(mut task)) = cfg.build(&cx) else { panic!("not a task") };
+        task.run().unwrap();
+        let r = artifacts.results();
+        assert!(r["simclr"]["linear_10pct_top1"].as_f64().is_some(), "{r:?}");
+        assert!(r["simclr"]["linear_10pct_train_top1"].as_f64().is_some(), "{r:?}");
+        assert!(r["simclr"].get("linear_top1").is_none(), "the full-label key is another stage's");
+        // 10% of 90 samples over 3 classes: about 9 rows, at least one per class.
+        let eval = &r["evals"][0];
+        let n = eval["train_size"].as_u64().unwrap();
+        assert!((6..=12).contains(&n), "{eval}");
+        assert_eq!(eval["label_fraction"], 0.1);
+        // The subset is drawn from the training split only: none of its images is a test image.
+        let tr = source_of(&cx, "tr", "tr").unwrap();
+        let te = source_of(&cx, "te", "te").unwrap();
+        let t = EvalTransform::default();
+        let labels: Vec<(u64, u32)> =
+            (0..90).map(|i| (i, super::super::features::read_one(&tr, i, 5, &t).unwrap().1)).collect();
+        let sub = subset::balanced(labels, 0.1, 5);
+        assert_eq!(sub.len() as u64, n);
+        let test: Vec<Vec<u8>> =
+            (0..30).map(|i| super::super::features::read_one(&te, i, 5, &t).unwrap().0.data).collect();
+        for i in &sub.indices {
+            let img = super::super::features::read_one(&tr, *i, 5, &t).unwrap().0.data;
+            assert!(!test.contains(&img), "training item {i} is also a test image");
+        }
+        // Under 2 samples per class is warned about.
+        let cx = setup(12, 6);
+        let artifacts = cx.artifacts.clone();
+        let Ok(Stage::Task(mut task)) = cfg.build(&cx) else { panic!("not a task") };
+        task.run().unwrap();
+        let r = artifacts.results();
+        let w = r["warnings"].to_string();
+        assert!(w.contains("fewer than 2 per class"), "{w}");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use simclr_core::{
 
 use super::features::{encoder_of, extract, source_of, Encode, EncoderArtifact, EvalTransform};
 use super::linear::topk_accuracy;
+use super::subset::{self, Subset};
 use crate::config::{Backbone, DeviceSpec, OptimizerConfig, SimclrTrain, Stem};
 use crate::export::{Data, NamedTensor};
 use crate::model::SimclrModel;
@@ -327,6 +328,18 @@ struct FineTuneRun {
     transform: EvalTransform,
     /// The method the starting encoder is filed under (`simclr`).
     method: String,
+    /// The labeled subset, chosen after a first pass that only reads the labels (below a
+    /// fraction of 1: a class-balanced subset needs every label first).
+    subset: Option<Subset>,
+    /// (dataset index, label) seen in that first pass.
+    seen: Vec<(u64, u32)>,
+}
+
+impl FineTuneRun {
+    /// Whether the stream's epoch 0 is the labels-only pass.
+    fn labels_pass(&self) -> bool {
+        self.fraction < 1.0
+    }
 }
 
 struct SupervisedSink {
@@ -336,6 +349,8 @@ struct SupervisedSink {
     fine_tune: Option<FineTuneRun>,
     /// Fine-tuning: kept rows waiting for a full batch.
     pending: Option<simclr_core::Batch>,
+    /// Fine-tuning: the incoming batch size, the size of the batches it trains on.
+    target_rows: usize,
     arch: SimclrTrain,
     engine: Option<Box<dyn LabeledEngine>>,
     id: String,
@@ -348,6 +363,8 @@ struct SupervisedSink {
     base_lr: Option<f64>,
     /// Steps, summed loss, summed accuracy of the current epoch.
     sums: (u64, f64, f64),
+    /// The last finished epoch's training accuracy (percent).
+    last_train_acc: Option<f64>,
 }
 
 impl SupervisedSink {
@@ -363,6 +380,7 @@ impl SupervisedSink {
             method: if fine_tune.is_some() { "fine_tuned" } else { "supervised" }.into(),
             fine_tune,
             pending: None,
+            target_rows: 0,
             arch,
             engine: Some(engine),
             id: cx.stage_id.clone(),
@@ -374,6 +392,7 @@ impl SupervisedSink {
             steps_per_epoch: None,
             base_lr: None,
             sums: (0, 0.0, 0.0),
+            last_train_acc: None,
         }
     }
 
@@ -385,6 +404,7 @@ impl SupervisedSink {
         let (steps, loss, acc) = std::mem::take(&mut self.sums);
         if let (Some(epoch), true) = (self.epoch, steps > 0) {
             let k = steps as f64;
+            self.last_train_acc = Some(acc / k);
             self.write(serde_json::json!({
                 "type": "supervised_epoch", "stage": self.id, "epoch": epoch,
                 "loss": loss / k, "train_acc": acc / k,
@@ -402,13 +422,32 @@ impl SupervisedSink {
 
 impl Sink for SupervisedSink {
     fn epochs(&self) -> u32 {
-        self.cfg.epochs
+        self.cfg.epochs + u32::from(self.fine_tune.as_ref().is_some_and(FineTuneRun::labels_pass))
     }
 
     fn consume(&mut self, sample: Sample) -> Result<(), StageError> {
         let Payload::Batch(full) = &sample.payload else {
             return Err(StageError::fatal("`supervised_train` needs batches; put a `batch` stage before it"));
         };
+        if let Some(ft) = self.fine_tune.as_mut().filter(|ft| ft.labels_pass() && ft.subset.is_none()) {
+            if sample.epoch == 0 {
+                ft.seen.extend(full.indices.iter().zip(&full.labels).filter_map(|(i, l)| l.map(|l| (*i, l))));
+                return Ok(());
+            }
+            let sub = subset::balanced(std::mem::take(&mut ft.seen), ft.fraction, ft.seed);
+            tracing::info!(
+                "'{}': {} labeled samples ({}% of the labels, class-balanced: {} per class)",
+                self.id,
+                sub.len(),
+                subset::pct(ft.fraction),
+                sub.per_class.values().map(|n| n.to_string()).collect::<Vec<_>>().join("/")
+            );
+            for w in subset::thin(&sub, self.cfg.classes) {
+                tracing::warn!("'{}': {w}", self.id);
+                self.artifacts.push("warnings", serde_json::json!({"stage": self.id, "message": w}));
+            }
+            ft.subset = Some(sub);
+        }
         if self.epoch != Some(sample.epoch) {
             if self.epoch.is_some() {
                 self.flush_pending()?;
@@ -422,8 +461,12 @@ impl Sink for SupervisedSink {
         let Some(ft) = &self.fine_tune else { return self.train_batch(full, sample.epoch) };
         // Fine-tuning keeps a fixed subset of the samples and trains on full batches of them
         // (BatchNorm needs more than the few kept rows of one incoming batch).
-        let kept_rows = keep_rows(full, |i| kept(ft.seed, i, ft.fraction));
+        let kept_rows = match &ft.subset {
+            Some(sub) => keep_rows(full, |i| sub.contains(i)),
+            None => keep_rows(full, |_| true),
+        };
         let target = full.indices.len();
+        self.target_rows = self.target_rows.max(target);
         let pending = match self.pending.take() {
             Some(p) => concat(p, kept_rows),
             None => kept_rows,
@@ -443,10 +486,14 @@ impl Sink for SupervisedSink {
 }
 
 impl SupervisedSink {
-    /// Trains on the kept rows still waiting for a full batch (at an epoch's end).
+    /// Trains on the kept rows still waiting for a full batch (at an epoch's end) when they
+    /// are at least half a batch; fewer are dropped (a shuffled source drops other rows each
+    /// epoch), since BatchNorm statistics of a handful of rows make the step noise.
     fn flush_pending(&mut self) -> Result<(), StageError> {
         match (self.pending.take(), self.epoch) {
-            (Some(p), Some(epoch)) if p.indices.len() >= 2 => self.train_batch(&p, epoch),
+            (Some(p), Some(epoch)) if p.indices.len() >= 2 && 2 * p.indices.len() >= self.target_rows => {
+                self.train_batch(&p, epoch)
+            }
             _ => Ok(()),
         }
     }
@@ -529,24 +576,47 @@ impl SupervisedSink {
                     *o = f64::from(*v);
                 }
             });
-            let pct = (ft.fraction * 100.0).round();
+            let pct = subset::pct(ft.fraction);
+            let train_acc = self.last_train_acc.unwrap_or(0.0);
+            // Fine-tuning an untrained encoder is training from scratch on the same labels:
+            // the supervised baseline of the paper's Table 7.
+            let (method, what) = if ft.method == "random_init" {
+                ("supervised".to_string(), "scratch")
+            } else {
+                (ft.method.clone(), "finetune")
+            };
             tracing::info!(
-                "'{}': {} fine-tuned on {pct}% of the labels: top-1 {top1:.2}%",
+                "'{}': {method} {what} on {pct}% of the labels: top-1 {top1:.2}% (train {train_acc:.1}%)",
                 self.id,
-                ft.method
             );
+            if let Some(w) = subset::near_chance(train_acc, classes) {
+                tracing::warn!("'{}': {w}", self.id);
+                self.artifacts.push("warnings", serde_json::json!({"stage": self.id, "message": w}));
+            }
             let metrics = serde_json::json!({
-                format!("finetune_{pct}pct_top1"): top1,
-                format!("finetune_{pct}pct_top5"): top5,
+                format!("{what}_{pct}pct_top1"): top1,
+                format!("{what}_{pct}pct_top5"): top5,
+                format!("{what}_{pct}pct_train_top1"): train_acc,
             });
             let m = metrics.as_object().cloned().unwrap_or_default();
-            self.artifacts.record(&ft.method, m.clone());
+            self.artifacts.record(&method, m.clone());
             self.artifacts.record_in("encoders", &self.id, m.clone());
             self.artifacts.push(
                 "finetunes",
-                serde_json::json!({"stage": self.id, "method": ft.method, "label_fraction": ft.fraction,
-                                   "test_data": ft.test.id, "dataset": ft.test.kind, "metrics": m}),
+                serde_json::json!({"stage": self.id, "method": method, "from": ft.method, "label_fraction": ft.fraction,
+                                   "labeled": ft.subset.as_ref().map(Subset::len),
+                                   "test_data": ft.test.id, "dataset": ft.test.name, "metrics": m}),
             );
+        } else if let Some(acc) = self.last_train_acc {
+            // The supervised baseline: its final training accuracy shows whether it converged.
+            let m = serde_json::json!({"train_top1": acc});
+            let m = m.as_object().cloned().unwrap_or_default();
+            self.artifacts.record(&self.method, m.clone());
+            self.artifacts.record_in("encoders", &self.id, m);
+            if let Some(w) = subset::near_chance(acc, self.cfg.classes) {
+                tracing::warn!("'{}': {w}", self.id);
+                self.artifacts.push("warnings", serde_json::json!({"stage": self.id, "message": w}));
+            }
         }
         if let Some(engine) = self.engine.take() {
             let encoder: Box<dyn Encode> = engine;
@@ -562,14 +632,6 @@ impl SupervisedSink {
         }
         Ok(())
     }
-}
-
-/// Whether sample `index` is in the labeled subset (a fixed draw per (seed, index), so the
-/// subset is the same every epoch and for any thread count).
-fn kept(seed: u64, index: u64, fraction: f64) -> bool {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    rng.random::<f64>() < fraction
 }
 
 /// The rows of `batch` whose dataset index passes `keep`.
@@ -699,6 +761,8 @@ impl StageConfig for FineTune {
             test,
             transform: self.transform.clone(),
             method: start.method.clone(),
+            subset: None,
+            seen: Vec::new(),
         };
         Ok(Stage::Sink(Box::new(SupervisedSink::new(cfg, arch, engine, cx, Some(run)))))
     }
