@@ -144,3 +144,65 @@ fn cifar10_and_imagenet_pipelines_run_on_tiny_fixtures() {
         }
     }
 }
+
+/// The semi-supervised protocol end to end on a tiny run: fine-tuning, training from scratch
+/// (fine-tuning the random-init encoder) and the linear probe use one labeled subset, report
+/// under the paper's keys, and the report names the data by its `name:`.
+#[test]
+fn the_semi_supervised_protocol_shares_one_subset_and_names_the_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shapes = |id: &str, rest: &str| {
+        format!("  - {{ id: {id}, kind: synthetic_shapes, name: blobs, count: 48, size: 16, classes: 3{rest} }}\n")
+    };
+    let chain = |p: &str| {
+        format!(
+            "  - {{ id: {p}_crop, kind: random_resized_crop, size: 16 }}\n  - {{ id: {p}_tensor, kind: to_tensor }}\n  - {{ id: {p}_batch, kind: batch, batch_size: 8, drop_last: false }}\n"
+        )
+    };
+    let mut src = String::from("name: semi\nseed: 9\nstages:\n");
+    src += &shapes("data", ", shuffle: true");
+    src += "  - { id: views, kind: views, count: 2 }\n  - { id: crop, kind: random_resized_crop, size: 16 }\n  - { id: tensor, kind: to_tensor }\n  - { id: batch, kind: batch, batch_size: 8 }\n";
+    src += "  - { id: train, kind: simclr_train, width: 0.0625, epochs: 1, warmup_epochs: 0, checkpoint_every: 0 }\n";
+    src += "  - { id: random, kind: random_init, like: train }\n";
+    src += &shapes("ft_data", ", shuffle: true");
+    src += &chain("ft");
+    src += "  - { id: fine_tune, kind: fine_tune, encoder: train, classes: 3, label_fraction: 0.25, test_data: eval_test, epochs: 1 }\n";
+    src += &shapes("sc_data", ", shuffle: true");
+    src += &chain("sc");
+    src += "  - { id: scratch, kind: fine_tune, encoder: random, classes: 3, label_fraction: 0.25, test_data: eval_test, epochs: 1 }\n";
+    src += &shapes("eval_train", ", split: train");
+    src += &shapes("eval_test", ", split: test");
+    src += "  - { id: probe, kind: linear_eval, encoders: [train], train_data: eval_train, test_data: eval_test, label_fraction: 0.25, k: 3 }\n";
+    let file = tmp.path().join("semi.yaml");
+    std::fs::write(&file, src).unwrap();
+    let out = tmp.path().join("run");
+    let run =
+        Command::cargo_bin("simclr").unwrap().arg("run").arg(&file).arg("--out").arg(&out).output().unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    for (method, key) in [
+        ("simclr", "finetune_25pct_top1"),
+        ("simclr", "finetune_25pct_train_top1"),
+        ("simclr", "linear_25pct_top1"),
+        ("supervised", "scratch_25pct_top1"),
+    ] {
+        let v = r[method][key].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=100.0).contains(&v), "{method}.{key}: {r}");
+    }
+    // One subset: 25% of 48 images over 3 classes, the same count in all three.
+    let ft = &r["finetunes"];
+    let probe = r["evals"].as_array().unwrap().iter().find(|e| e["stage"] == "probe").unwrap();
+    assert_eq!(ft[0]["labeled"], ft[1]["labeled"], "{ft}");
+    assert_eq!(ft[0]["labeled"], probe["train_size"], "{r}");
+    let n = probe["train_size"].as_u64().unwrap();
+    assert!((9..=15).contains(&n), "{n}");
+    assert_eq!(probe["dataset"], "blobs");
+    assert_eq!(ft[0]["dataset"], "blobs");
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("blobs, 25% labels"), "{report}");
+    assert!(
+        report.contains("| SimCLR (ours), fine-tuned |") && report.contains("| Supervised, from scratch |"),
+        "{report}"
+    );
+}
