@@ -136,8 +136,13 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
-    /// List stage kinds.
-    Kinds,
+    /// List stage kinds: the built-in ones, and those of `--plugin` libraries (marked).
+    Kinds {
+        /// A plugin library whose kinds to list too (a path, or a bare name looked up in
+        /// SIMCLR_PLUGIN_PATH); repeatable.
+        #[arg(long = "plugin", value_name = "LIB")]
+        plugins: Vec<String>,
+    },
     /// Plugin libraries (more stage kinds): `simclr plugins inspect LIB`.
     Plugins {
         #[command(subcommand)]
@@ -333,10 +338,12 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             println!("wrote {} ({} rows: source, then its views)", out.display(), rows.len());
             Ok(())
         }
-        Command::Kinds => {
-            let registry = registry();
+        Command::Kinds { plugins } => {
+            let mut registry = registry();
+            let from = plugins_cmd::register_libraries(&plugins, &mut registry).map_err(Failure::Invalid)?;
             for f in registry.kinds() {
-                println!("{:<22} {:?}  {}", f.kind(), f.role(), f.about());
+                let origin = from.get(f.kind()).map(|lib| format!("  [plugin: {lib}]")).unwrap_or_default();
+                println!("{:<22} {:?}  {}{origin}", f.kind(), f.role(), f.about());
             }
             Ok(())
         }

@@ -33,6 +33,27 @@ pub fn run(command: PluginsCommand) -> Result<(), String> {
     }
 }
 
+/// Loads each library of `libs` into `registry`; returns which library each added kind came
+/// from (kind -> library file name). An `Err` is an invalid input (exit 2).
+pub fn register_libraries(
+    libs: &[String],
+    registry: &mut Registry,
+) -> Result<std::collections::HashMap<String, String>, String> {
+    let search = std::env::var_os(plugin::SEARCH_PATH_VAR);
+    let mut from = std::collections::HashMap::new();
+    for lib in libs {
+        let fail = |e: plugin::LoadError| format!("plugin '{lib}': {e}");
+        let path: PathBuf = plugin::resolve(lib, Path::new("."), search.as_deref()).map_err(fail)?;
+        let p = plugin::load(&path).map_err(fail)?;
+        plugin::register(registry, &p).map_err(fail)?;
+        let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| lib.clone());
+        for k in &p.kinds {
+            from.insert(k.name.clone(), file.clone());
+        }
+    }
+    Ok(from)
+}
+
 fn inspect(lib: &str, json: bool) -> Result<(), String> {
     let search = std::env::var_os(plugin::SEARCH_PATH_VAR);
     let fail = |e: plugin::LoadError| format!("plugin '{lib}': {e}");

@@ -182,6 +182,27 @@ fn posterize_is_the_identity_at_8_bits_or_p_0_and_honours_views() {
 }
 
 #[test]
+fn kinds_lists_a_plugins_kinds_marked_with_their_library() {
+    let lib = motion_blur_plugin();
+    let out = simclr().arg("kinds").output().unwrap();
+    assert!(out.status.success());
+    assert!(!text(&out).lines().any(|l| l.starts_with("motion_blur ")), "{}", text(&out));
+    let out = simclr().args(["kinds", "--plugin"]).arg(lib).output().unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    let line = t.lines().find(|l| l.starts_with("motion_blur ")).unwrap_or_else(|| panic!("{t}"));
+    let file = lib.file_name().unwrap().to_string_lossy();
+    assert!(line.contains(&format!("[plugin: {file}]")), "{line}");
+    // The built-in kinds are still there, unmarked.
+    let crop = t.lines().find(|l| l.starts_with("random_resized_crop ")).unwrap();
+    assert!(!crop.contains("[plugin"), "{crop}");
+    // A library that cannot load: exit 2, naming it.
+    let out = simclr().args(["kinds", "--plugin", "/nonexistent/libnope.so"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("libnope.so"), "{}", text(&out));
+}
+
+#[test]
 fn inspect_prints_name_version_abi_kinds_and_schema() {
     let lib = motion_blur_plugin();
     let out = simclr().args(["plugins", "inspect"]).arg(lib).output().unwrap();
