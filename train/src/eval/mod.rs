@@ -2,6 +2,7 @@
 //! supervised) from the same backbone (the paper's section 5 protocols).
 
 pub mod features;
+pub mod fine_tune;
 pub mod knn;
 pub mod linear;
 pub mod stages;
@@ -15,5 +16,5 @@ pub fn register(registry: &mut simclr_core::Registry) {
     registry.register::<stages::KnnEval>();
     registry.register::<stages::ExtractFeatures>();
     registry.register::<supervised::SupervisedTrain>();
-    registry.register::<supervised::FineTune>();
+    registry.register::<fine_tune::FineTune>();
 }

@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use burn::module::{AutodiffModule, Module};
 use burn::optim::GradientsParams;
@@ -20,7 +19,8 @@ use simclr_core::{
     Artifacts, Context, Payload, PortType, Problem, Role, Sample, Sink, Stage, StageConfig, StageError,
 };
 
-use super::features::{encoder_of, extract, source_of, Encode, EncoderArtifact, EvalTransform};
+use super::features::{extract, Encode, EncoderArtifact};
+use super::fine_tune::{concat, keep_rows, probe_head, FineTuneRun};
 use super::linear::topk_accuracy;
 use super::subset::{self, Subset};
 use crate::config::{Backbone, DeviceSpec, OptimizerConfig, SimclrTrain, Stem};
@@ -28,8 +28,6 @@ use crate::export::{Data, NamedTensor};
 use crate::model::SimclrModel;
 use crate::optim::{base_lr, first_epoch_lr, Optimizer, Schedule};
 use crate::trainer::StepError;
-use simclr_core::driver::DataSource;
-use simclr_core::StageRef;
 
 /// `supervised_train`: encoder + linear classifier, cross-entropy with labels (a sink; its
 /// encoder is an artifact, filed as `supervised`).
@@ -70,13 +68,13 @@ fn one() -> f64 {
 fn ninety() -> u32 {
     90
 }
-fn ten() -> u64 {
+pub(super) fn ten() -> u64 {
     10
 }
 fn cpu() -> String {
     "cpu".into()
 }
-fn sgd() -> OptimizerConfig {
+pub(super) fn sgd() -> OptimizerConfig {
     serde_json::from_value(serde_json::json!({
         "kind": "sgd", "lr": 0.1, "nesterov": true, "weight_decay": 5e-4
     }))
@@ -105,7 +103,7 @@ impl SupervisedTrain {
         Ok(arch)
     }
 
-    fn problems(&self) -> Vec<Problem> {
+    pub(super) fn problems(&self) -> Vec<Problem> {
         let mut out = match self.arch() {
             Ok(a) => a.problems(),
             Err(e) => vec![Problem::new("", e, "check the fields")],
@@ -128,6 +126,14 @@ pub trait LabeledEngine: Encode {
     /// Replaces the encoder's weights and running statistics by `tensors` (torchvision names,
     /// as [`Encode::tensors`] gives them); returns how many were loaded.
     fn load_encoder(&mut self, tensors: &[NamedTensor]) -> Result<usize, String>;
+    /// Sets the linear classifier: `weight` is classes x dim (row-major), `bias` classes.
+    fn load_head(
+        &mut self,
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        classes: usize,
+        dim: usize,
+    ) -> Result<(), String>;
     /// One cross-entropy step; returns (loss, accuracy on the batch).
     fn step(
         &mut self,
@@ -215,6 +221,42 @@ impl<B: AutodiffBackend> LabeledEngine for SupTrainer<B> {
         Ok(given - map.len())
     }
 
+    fn load_head(
+        &mut self,
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        classes: usize,
+        dim: usize,
+    ) -> Result<(), String> {
+        let layer = "model.head.layers.0.linear";
+        let mut map: HashMap<String, NamedTensor> = [
+            NamedTensor {
+                name: format!("{layer}.weight"),
+                shape: vec![classes, dim],
+                data: Data::F32(weight),
+            },
+            NamedTensor { name: format!("{layer}.bias"), shape: vec![classes], data: Data::F32(bias) },
+        ]
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect();
+        let model = self.model.take().ok_or_else(|| "the model was lost in a failed step".to_string())?;
+        let mut load = crate::checkpoint::Load::<B> {
+            tensors: &mut map,
+            device: self.device.clone(),
+            path: Vec::new(),
+            errors: Vec::new(),
+            only: Some("head"),
+        };
+        self.model = Some(model.map(&mut load));
+        let errors = load.errors;
+        if !errors.is_empty() || !map.is_empty() {
+            let unused: Vec<&String> = map.keys().collect();
+            return Err(format!("the classifier does not fit: {} (unused: {unused:?})", errors.join("; ")));
+        }
+        Ok(())
+    }
+
     fn step(
         &mut self,
         images: &[f32],
@@ -264,7 +306,7 @@ impl<B: AutodiffBackend> LabeledEngine for SupTrainer<B> {
     }
 }
 
-fn make_supervised(arch: &SimclrTrain, seed: u64) -> Result<Box<dyn LabeledEngine>, String> {
+pub(super) fn make_supervised(arch: &SimclrTrain, seed: u64) -> Result<Box<dyn LabeledEngine>, String> {
     match DeviceSpec::parse(&arch.device)? {
         DeviceSpec::Cpu => {
             type B = burn::backend::Autodiff<burn::backend::Flex>;
@@ -320,29 +362,7 @@ impl StageConfig for SupervisedTrain {
     }
 }
 
-/// Fine-tuning's extras: the label subset and the test it reports on.
-struct FineTuneRun {
-    fraction: f64,
-    seed: u64,
-    test: Arc<DataSource>,
-    transform: EvalTransform,
-    /// The method the starting encoder is filed under (`simclr`).
-    method: String,
-    /// The labeled subset, chosen after a first pass that only reads the labels (below a
-    /// fraction of 1: a class-balanced subset needs every label first).
-    subset: Option<Subset>,
-    /// (dataset index, label) seen in that first pass.
-    seen: Vec<(u64, u32)>,
-}
-
-impl FineTuneRun {
-    /// Whether the stream's epoch 0 is the labels-only pass.
-    fn labels_pass(&self) -> bool {
-        self.fraction < 1.0
-    }
-}
-
-struct SupervisedSink {
+pub(super) struct SupervisedSink {
     cfg: SupervisedTrain,
     /// `supervised` or `fine_tuned`: how the encoder artifact is filed.
     method: String,
@@ -368,7 +388,7 @@ struct SupervisedSink {
 }
 
 impl SupervisedSink {
-    fn new(
+    pub(super) fn new(
         cfg: SupervisedTrain,
         arch: SimclrTrain,
         engine: Box<dyn LabeledEngine>,
@@ -422,7 +442,7 @@ impl SupervisedSink {
 
 impl Sink for SupervisedSink {
     fn epochs(&self) -> u32 {
-        self.cfg.epochs + u32::from(self.fine_tune.as_ref().is_some_and(FineTuneRun::labels_pass))
+        self.cfg.epochs + self.fine_tune.as_ref().map_or(0, FineTuneRun::extra_epochs)
     }
 
     fn consume(&mut self, sample: Sample) -> Result<(), StageError> {
@@ -430,6 +450,7 @@ impl Sink for SupervisedSink {
             return Err(StageError::fatal("`supervised_train` needs batches; put a `batch` stage before it"));
         };
         if let Some(ft) = self.fine_tune.as_mut().filter(|ft| ft.labels_pass() && ft.subset.is_none()) {
+            // Epoch 0 of the stream only reads the labels: the subset needs all of them.
             if sample.epoch == 0 {
                 ft.seen.extend(full.indices.iter().zip(&full.labels).filter_map(|(i, l)| l.map(|l| (*i, l))));
                 return Ok(());
@@ -447,6 +468,41 @@ impl Sink for SupervisedSink {
                 self.artifacts.push("warnings", serde_json::json!({"stage": self.id, "message": w}));
             }
             ft.subset = Some(sub);
+        }
+        if let Some(ft) = self.fine_tune.as_mut().filter(|ft| ft.probe.is_some()) {
+            // Epoch 1 (with `head_init: linear_probe`) encodes the subset's images with the
+            // starting encoder; the classifier is fitted on them before training starts.
+            if sample.epoch == 1 {
+                let (Some(probe), Some(engine), Some(sub)) = (ft.probe.as_mut(), &self.engine, &ft.subset)
+                else {
+                    return Ok(());
+                };
+                let kept = keep_rows(full, |i| sub.contains(i));
+                if let Some(view) = kept.views.first().filter(|v| v.shape.first().is_some_and(|n| *n > 0)) {
+                    let shape: [usize; 4] = view.shape.clone().try_into().map_err(|_| {
+                        StageError::fatal(format!(
+                            "fine-tuning needs N x C x H x W images, got {:?}",
+                            view.shape
+                        ))
+                    })?;
+                    let f = engine.encode(&view.data, shape).map_err(StageError::fatal)?;
+                    probe.dim = f.len() / shape[0];
+                    probe.x.extend(f);
+                    probe.y.extend(kept.labels.iter().map(|l| l.unwrap_or(0)));
+                    probe.index.extend(&kept.indices);
+                }
+                return Ok(());
+            }
+            if let (Some(probe), Some(engine)) = (ft.probe.take(), self.engine.as_mut()) {
+                if !probe.is_empty() {
+                    let (weight, bias, train_acc) = probe_head(&probe, self.cfg.classes);
+                    engine.load_head(weight, bias, self.cfg.classes, probe.dim).map_err(StageError::fatal)?;
+                    tracing::info!(
+                        "'{}': classifier initialized by a linear probe on the labeled subset (train accuracy {train_acc:.1}%)",
+                        self.id
+                    );
+                }
+            }
         }
         if self.epoch != Some(sample.epoch) {
             if self.epoch.is_some() {
@@ -632,151 +688,4 @@ impl SupervisedSink {
         }
         Ok(())
     }
-}
-
-/// The rows of `batch` whose dataset index passes `keep`.
-fn keep_rows(batch: &simclr_core::Batch, keep: impl Fn(u64) -> bool) -> simclr_core::Batch {
-    let rows: Vec<usize> = (0..batch.indices.len()).filter(|&r| keep(batch.indices[r])).collect();
-    let views = batch
-        .views
-        .iter()
-        .map(|v| {
-            let per = v.shape.iter().skip(1).product::<usize>();
-            let mut shape = v.shape.clone();
-            if let Some(n) = shape.first_mut() {
-                *n = rows.len();
-            }
-            let data = rows.iter().flat_map(|&r| v.data[r * per..(r + 1) * per].iter().copied()).collect();
-            simclr_core::Tensor { shape, data }
-        })
-        .collect();
-    simclr_core::Batch {
-        views,
-        indices: rows.iter().map(|&r| batch.indices[r]).collect(),
-        labels: rows.iter().map(|&r| batch.labels[r]).collect(),
-        pool: None,
-    }
-}
-
-/// `fine_tune`: the semi-supervised protocol: a pre-trained encoder plus a linear classifier,
-/// trained end to end with the labels of `label_fraction` of the data; reports top-1/top-5 on
-/// `test_data` as `<method>.finetune_<pct>pct_top1`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct FineTune {
-    /// The encoder stage to start from (e.g. `train`).
-    pub encoder: String,
-    /// Number of classes.
-    pub classes: usize,
-    /// Share of the training samples whose labels are used (default 0.1; the paper: 0.01, 0.1).
-    #[serde(default = "tenth")]
-    pub label_fraction: f64,
-    /// Labeled source stage to report on.
-    pub test_data: String,
-    /// Optimizer (default: sgd, lr 0.1 x B/256, nesterov, weight decay 5e-4... as `supervised_train`).
-    #[serde(default = "sgd")]
-    pub optimizer: OptimizerConfig,
-    /// Passes over the data (default 30).
-    #[serde(default = "thirty")]
-    pub epochs: u32,
-    #[serde(default)]
-    pub warmup_epochs: f64,
-    #[serde(default = "ten")]
-    pub log_every: u64,
-    #[serde(default)]
-    pub transform: EvalTransform,
-}
-
-fn tenth() -> f64 {
-    0.1
-}
-fn thirty() -> u32 {
-    30
-}
-
-impl StageConfig for FineTune {
-    const KIND: &'static str = "fine_tune";
-    const ABOUT: &'static str =
-        "sink: fine-tunes a pre-trained encoder + linear head on a fraction of the labels";
-    const ROLE: Role = Role::Sink;
-    fn ports(&self) -> (PortType, PortType) {
-        (PortType::Batch, PortType::Encoder)
-    }
-    fn refs(&self) -> Vec<StageRef> {
-        vec![
-            StageRef { field: "encoder".into(), stage: self.encoder.clone(), expects: PortType::Encoder },
-            StageRef { field: "test_data".into(), stage: self.test_data.clone(), expects: PortType::Any },
-        ]
-    }
-    fn check(&self, _cx: &Context, out: &mut Vec<Problem>) {
-        if !(self.label_fraction > 0.0 && self.label_fraction <= 1.0) {
-            out.push(Problem::new(
-                "label_fraction",
-                "`label_fraction` must be in (0, 1]",
-                "e.g. `label_fraction: 0.1`",
-            ));
-        }
-        if self.classes < 2 {
-            out.push(Problem::new("classes", "`classes` must be at least 2", "e.g. `classes: 10`"));
-        }
-        if self.epochs == 0 || self.log_every == 0 {
-            out.push(Problem::new(
-                "epochs",
-                "`epochs` and `log_every` must be at least 1",
-                "e.g. `epochs: 30`",
-            ));
-        }
-        out.extend(self.transform.problems("transform"));
-    }
-    fn build(&self, cx: &Context) -> Result<Stage, StageError> {
-        let start = encoder_of(cx, "encoder", &self.encoder)?;
-        let test = source_of(cx, "test_data", &self.test_data)?;
-        let cfg = SupervisedTrain {
-            backbone: start.arch.backbone,
-            stem: start.arch.stem,
-            width: start.arch.width,
-            classes: self.classes,
-            optimizer: self.optimizer.clone(),
-            epochs: self.epochs,
-            warmup_epochs: self.warmup_epochs,
-            device: start.arch.device.clone(),
-            log_every: self.log_every,
-        };
-        if let Some(p) = cfg.problems().into_iter().next() {
-            return Err(StageError::fatal(format!("{} ({})", p.message, p.fix)));
-        }
-        let arch = cfg.arch().map_err(StageError::fatal)?;
-        let mut engine = make_supervised(&arch, cx.seed).map_err(StageError::fatal)?;
-        let loaded = engine.load_encoder(&start.tensors()).map_err(StageError::fatal)?;
-        if loaded == 0 {
-            return Err(StageError::fatal(format!(
-                "`encoder: {}` gave no weights to start from; name a trained encoder stage",
-                self.encoder
-            )));
-        }
-        tracing::info!("'{}': starting from '{}' ({loaded} tensors)", cx.stage_id, self.encoder);
-        let run = FineTuneRun {
-            fraction: self.label_fraction,
-            seed: cx.seed,
-            test,
-            transform: self.transform.clone(),
-            method: start.method.clone(),
-            subset: None,
-            seen: Vec::new(),
-        };
-        Ok(Stage::Sink(Box::new(SupervisedSink::new(cfg, arch, engine, cx, Some(run)))))
-    }
-}
-
-/// `a`'s rows followed by `b`'s.
-fn concat(mut a: simclr_core::Batch, b: simclr_core::Batch) -> simclr_core::Batch {
-    for (va, vb) in a.views.iter_mut().zip(&b.views) {
-        va.data.extend_from_slice(&vb.data);
-        if let (Some(na), Some(nb)) = (va.shape.first_mut(), vb.shape.first()) {
-            *na += nb;
-        }
-    }
-    a.indices.extend_from_slice(&b.indices);
-    a.labels.extend_from_slice(&b.labels);
-    a
 }
