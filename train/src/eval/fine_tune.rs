@@ -31,6 +31,8 @@ pub(super) struct FineTuneRun {
     /// encoded by the starting encoder in a second pass; the classifier starts from a logistic
     /// regression fitted on them (linear probing, then fine-tuning). `None` once fitted.
     pub(super) probe: Option<Features>,
+    /// The probe's L2 penalty.
+    pub(super) probe_l2: f64,
     /// Whether the run has the probe's pass (fixed at build: `probe` is emptied after it).
     probe_pass: bool,
 }
@@ -104,6 +106,14 @@ pub struct FineTune {
     /// `random`.
     #[serde(default)]
     pub head_init: HeadInit,
+    /// L2 penalty of that probe on standardized features (default 0.01: stronger than
+    /// `linear_eval`'s, so the classifier starts with moderate logits).
+    #[serde(default = "probe_l2")]
+    pub probe_l2: f64,
+}
+
+fn probe_l2() -> f64 {
+    0.01
 }
 
 /// `fine_tune`'s classifier initialization.
@@ -117,9 +127,9 @@ pub enum HeadInit {
 
 /// A logistic regression on standardized `rows` (L-BFGS, as `linear_eval`), folded back into
 /// weights and biases on the raw features: (classes x dim weights, biases, train accuracy %).
-pub(super) fn probe_head(rows: &Features, classes: usize) -> (Vec<f32>, Vec<f32>, f64) {
+pub(super) fn probe_head(rows: &Features, classes: usize, l2: f64) -> (Vec<f32>, Vec<f32>, f64) {
     let std = Standardizer::fit(rows);
-    let (model, _) = fit_lbfgs(&std.apply(rows), classes, 1e-4, 500, 1e-6);
+    let (model, _) = fit_lbfgs(&std.apply(rows), classes, l2, 500, 1e-6);
     let d = rows.dim;
     let mut weight = vec![0f32; classes * d];
     let mut bias = vec![0f32; classes];
@@ -215,6 +225,7 @@ impl StageConfig for FineTune {
             seen: Vec::new(),
             probe: probe_pass.then(Features::default),
             probe_pass,
+            probe_l2: self.probe_l2,
         };
         Ok(Stage::Sink(Box::new(SupervisedSink::new(cfg, arch, engine, cx, Some(run)))))
     }
@@ -251,7 +262,7 @@ mod tests {
             f.y.push(c);
             f.index.push(u64::from(i));
         }
-        let (w, b, train_acc) = probe_head(&f, 3);
+        let (w, b, train_acc) = probe_head(&f, 3, 1e-4);
         assert!(train_acc > 90.0, "{train_acc}");
         let correct = (0..f.len())
             .filter(|&r| {

@@ -495,7 +495,7 @@ impl Sink for SupervisedSink {
             }
             if let (Some(probe), Some(engine)) = (ft.probe.take(), self.engine.as_mut()) {
                 if !probe.is_empty() {
-                    let (weight, bias, train_acc) = probe_head(&probe, self.cfg.classes);
+                    let (weight, bias, train_acc) = probe_head(&probe, self.cfg.classes, ft.probe_l2);
                     engine.load_head(weight, bias, self.cfg.classes, probe.dim).map_err(StageError::fatal)?;
                     tracing::info!(
                         "'{}': classifier initialized by a linear probe on the labeled subset (train accuracy {train_acc:.1}%)",
