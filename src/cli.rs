@@ -496,7 +496,7 @@ fn check_resume(plan: &Plan, file: &Path, dir: &Path) -> Result<(), Failure> {
     if !diffs.is_empty() {
         diffs.truncate(5);
         return Err(Failure::Invalid(format!(
-            "--resume {}: {} (with its --set options) is not the pipeline the run started with ({}): {};              resume with the same file and options (only {} may change)",
+            "--resume {}: {} (with its --set options) is not the pipeline the run started with ({}): {}; resume with the same file and options (only {} may change)",
             dir.display(),
             file.display(),
             saved_path.display(),
@@ -507,7 +507,7 @@ fn check_resume(plan: &Plan, file: &Path, dir: &Path) -> Result<(), Failure> {
     let ckpt = dir.join(simclr_train::checkpoint::FILE);
     if !ckpt.is_file() {
         return Err(Failure::Invalid(format!(
-            "--resume {}: no {} there: the run stopped before its first checkpoint (the end of its              first epoch), so there is nothing to resume; start it again without --resume",
+            "--resume {}: no {} there: the run stopped before its first checkpoint (the end of its first epoch), so there is nothing to resume; start it again without --resume",
             dir.display(),
             simclr_train::checkpoint::FILE
         )));
