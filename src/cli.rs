@@ -180,6 +180,7 @@ impl From<RunError> for Failure {
         match e {
             RunError::Interrupted => Failure::Interrupted,
             RunError::Diverged { step, .. } => Failure::Diverged { step, message: format!("error: {e}") },
+            e @ RunError::Refused { .. } => Failure::Invalid(format!("error: {e}")),
             e => Failure::Runtime(format!("error: {e}")),
         }
     }

@@ -64,6 +64,34 @@ fn a_stage_failing_on_sample_1000_exits_1_naming_it() {
 }
 
 #[test]
+fn a_run_whose_epochs_have_no_batch_is_refused_naming_the_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "big.yaml",
+        "name: big\nstages:\n  - { id: data, kind: synthetic_shapes, count: 64, size: 16 }\n  - { id: views, kind: views, count: 2 }\n  - { id: tensor, kind: to_tensor }\n  - { id: batch, kind: batch, batch_size: 1000 }\n  - { id: train, kind: simclr_train, width: 0.0625, epochs: 1, warmup_epochs: 0 }\n",
+    );
+    let run_dir = dir.path().join("run");
+    let out = simclr().arg("run").arg(&file).arg("--out").arg(&run_dir).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for want in ["stage 'batch'", "64 samples", "`batch_size: 1000`", "drop_last", "'train'"] {
+        assert!(err.contains(want), "missing {want:?} in {err}");
+    }
+    assert!(!run_dir.join("encoder.safetensors").exists() && !run_dir.join("results.json").exists());
+    // Keeping the partial batch makes it a real (one-step) run.
+    let file = write(
+        dir.path(),
+        "big.yaml",
+        &std::fs::read_to_string(&file)
+            .unwrap()
+            .replace("batch_size: 1000", "batch_size: 1000, drop_last: false"),
+    );
+    let out = simclr().arg("run").arg(&file).arg("--out").arg(dir.path().join("run2")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
 fn output_to_a_pipe_has_no_escape_codes() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(

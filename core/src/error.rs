@@ -145,6 +145,9 @@ pub enum RunError {
     Stage { stage: String, kind: String, message: String },
     #[error("stage '{stage}' ({kind}) failed: {message}")]
     Diverged { stage: String, kind: String, step: u64, message: String },
+    /// The run cannot do what it is for (an epoch with no batch): refused before it starts.
+    #[error("stage '{stage}' ({kind}): {message}")]
+    Refused { stage: String, kind: String, message: String },
     #[error("interrupted")]
     Interrupted,
     #[error("internal error: {0}")]

@@ -254,6 +254,21 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
         (None, Some(_)) => 0,
         (None, None) => sink.epochs(),
     };
+    if let Some((binfo, b)) = &batch {
+        if epochs > 0 && opts.max_samples.is_none() && b.batches(per_epoch) == Some(0) {
+            return Err(RunError::Refused {
+                stage: binfo.id.clone(),
+                kind: binfo.kind.clone(),
+                message: format!(
+                    "{}, so '{}' ({}) would get nothing (source '{}': {len} items)",
+                    b.explain_empty(per_epoch),
+                    sink_info.id,
+                    sink_info.kind,
+                    source_info.id
+                ),
+            });
+        }
+    }
     // A resumed sink starts later; epochs keep their absolute numbers (they key the randomness).
     let first_epoch = sink.start_epoch().min(epochs);
     let total = (per_epoch * u64::from(epochs - first_epoch)).min(opts.max_samples.unwrap_or(u64::MAX));

@@ -185,6 +185,15 @@ pub trait Batcher: Send {
     fn push(&mut self, sample: Sample) -> Result<Option<Sample>, StageError>;
     /// At the end of the data: the last, partial batch if it is kept.
     fn flush(&mut self) -> Result<Option<Sample>, StageError>;
+    /// Batches an epoch of `items` samples gives, when the batcher knows (a run whose epoch
+    /// gives none is refused before it starts: it would train on nothing).
+    fn batches(&self, _items: u64) -> Option<u64> {
+        None
+    }
+    /// Why an epoch of `items` gives no batch, and how to fix it (see [`Batcher::batches`]).
+    fn explain_empty(&self, items: u64) -> String {
+        format!("an epoch of {items} samples gives no batch")
+    }
     /// Samples per batch, if the batcher can also run in the workers: then the runtime makes
     /// every chunk one batch's worth of samples (batches never span epochs, chunks neither)
     /// and each worker assembles its chunk with its own [`Batcher::fork`], so the copy into the

@@ -322,6 +322,18 @@ impl BatchBuilder {
 }
 
 impl Batcher for BatchBuilder {
+    fn batches(&self, items: u64) -> Option<u64> {
+        let b = self.cfg.batch_size.max(1) as u64;
+        Some(if self.cfg.drop_last { items / b } else { items.div_ceil(b) })
+    }
+
+    fn explain_empty(&self, items: u64) -> String {
+        format!(
+            "an epoch has {items} samples, fewer than `batch_size: {}`, and `drop_last` drops the partial batch; lower `batch_size` to at most {items} or set `drop_last: false`",
+            self.cfg.batch_size
+        )
+    }
+
     fn push(&mut self, sample: Sample) -> Result<Option<Sample>, StageError> {
         self.push_with(sample.epoch, |b| b.add(sample))
     }
