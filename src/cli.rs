@@ -233,7 +233,7 @@ pub fn main() -> i32 {
         }
         Err(Failure::Interrupted) => {
             eprintln!("interrupted");
-            130
+            interrupted_exit_code()
         }
     }
 }
@@ -357,17 +357,55 @@ fn interrupt_flag() -> Arc<AtomicBool> {
     static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
     FLAG.get_or_init(|| {
         let flag = Arc::new(AtomicBool::new(false));
-        let f = flag.clone();
-        let _ = ctrlc::set_handler(move || {
-            if f.swap(true, Ordering::SeqCst) {
-                // Second Ctrl-C: the user wants out now.
-                std::process::exit(130);
-            }
-            eprintln!("\ninterrupt: finishing the current samples (Ctrl-C again to quit now)");
-        });
+        install_signal_handler(flag.clone());
         flag
     })
     .clone()
+}
+
+/// The signal that stopped the run (SIGINT unless SIGTERM came): its exit code is 128 + it.
+static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(2);
+
+/// The exit code of an interrupted run: 130 after SIGINT (Ctrl-C), 143 after SIGTERM.
+fn interrupted_exit_code() -> i32 {
+    128 + STOP_SIGNAL.load(Ordering::SeqCst)
+}
+
+/// First SIGINT or SIGTERM: set `flag` (the run finishes its current step or samples, saves a
+/// checkpoint and stops); a second one exits at once.
+#[cfg(unix)]
+fn install_signal_handler(flag: Arc<AtomicBool>) {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot install the SIGINT/SIGTERM handler ({e}): a signal stops the run at once");
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            if flag.swap(true, Ordering::SeqCst) {
+                // A second signal: the user (or the scheduler) wants out now.
+                std::process::exit(128 + sig);
+            }
+            STOP_SIGNAL.store(sig, Ordering::SeqCst);
+            let name = if sig == SIGTERM { "SIGTERM" } else { "interrupt" };
+            eprintln!(
+                "\n{name}: finishing the current step or samples, then saving (send it again to quit now)"
+            );
+        }
+    });
+}
+
+#[cfg(not(unix))]
+fn install_signal_handler(flag: Arc<AtomicBool>) {
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing the current samples (Ctrl-C again to quit now)");
+    });
 }
 
 fn options(plan: &Plan, common: &Common) -> RunOptions {
@@ -439,9 +477,9 @@ pub(crate) fn run_in(plan: &Plan, common: &Common, dir: PathBuf, resume: bool) -
     let reports = match with_progress(&opts, || run_plan(plan, &opts, Mode::Full)) {
         Err(RunError::Interrupted) if dir.join(simclr_train::checkpoint::FILE).is_file() => {
             eprintln!(
-                "checkpoint saved in {}: continue with `simclr run FILE --resume {}` (same FILE and --set options)",
+                "checkpoint saved in {}; to continue:\n  {}",
                 dir.display(),
-                dir.display()
+                resume_command(plan, common, &dir)
             );
             return Err(Failure::Interrupted);
         }
@@ -470,6 +508,28 @@ pub(crate) fn run_in(plan: &Plan, common: &Common, dir: PathBuf, resume: bool) -
     .with_context(|| format!("cannot write {}", path.display()))?;
     println!("run directory: {}", dir.display());
     Ok(())
+}
+
+/// The exact command that continues an interrupted run in `dir`.
+fn resume_command(plan: &Plan, common: &Common, dir: &Path) -> String {
+    let quote = |s: &str| {
+        if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:+,@%".contains(c)) {
+            s.to_string()
+        } else {
+            format!("'{}'", s.replace('\'', "'\\''"))
+        }
+    };
+    let mut cmd = format!("simclr run {}", quote(&plan.spec.file.display().to_string()));
+    for set in &common.set {
+        cmd += &format!(" --set {}", quote(set));
+    }
+    if let Some(seed) = common.seed {
+        cmd += &format!(" --seed {seed}");
+    }
+    if let Some(t) = common.threads {
+        cmd += &format!(" --threads {t}");
+    }
+    cmd + &format!(" --resume {}", quote(&dir.display().to_string()))
 }
 
 /// Fields that may differ between a run and its resumption (they do not change the results).

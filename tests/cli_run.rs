@@ -107,8 +107,9 @@ fn output_to_a_pipe_has_no_escape_codes() {
     assert!(!stdout.contains('\x1b') && !stderr.contains('\x1b'), "{stdout:?}\n{stderr:?}");
 }
 
-#[test]
-fn ctrl_c_exits_130() {
+/// Starts an endless run, sends `signal` once it is running, and returns its exit status and
+/// stderr.
+fn stop_with(signal: &str) -> (std::process::ExitStatus, String) {
     let dir = tempfile::tempdir().unwrap();
     let file = write(
         dir.path(),
@@ -116,16 +117,17 @@ fn ctrl_c_exits_130() {
         "name: long\nstages:\n  - { id: data, kind: counter, count: 100000000000 }\n  - { id: sink, kind: null }\n",
     );
     let bin = assert_cmd::cargo::cargo_bin("simclr");
+    let err_path = dir.path().join("stderr.txt");
     let mut child = std::process::Command::new(bin)
         .arg("run")
         .arg(&file)
         .arg("--out")
         .arg(dir.path().join("run"))
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn()
         .unwrap();
-    // Wait until the run has started (its Ctrl-C handler is installed before the run
+    // Wait until the run has started (its signal handler is installed before the run
     // directory is written): a signal that arrives earlier may be ignored, e.g. when the test
     // itself runs in a background job, where SIGINT starts out ignored.
     let started = dir.path().join("run").join("pipeline.yaml");
@@ -135,16 +137,29 @@ fn ctrl_c_exits_130() {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(200));
-    let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let _ = std::process::Command::new("kill").args([signal, &child.id().to_string()]).status();
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "the run did not stop after Ctrl-C");
+        assert!(Instant::now() < deadline, "the run did not stop after {signal}");
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert_eq!(status.code(), Some(130));
+    (status, std::fs::read_to_string(&err_path).unwrap_or_default())
+}
+
+#[test]
+fn ctrl_c_exits_130() {
+    let (status, err) = stop_with("-INT");
+    assert_eq!(status.code(), Some(130), "{err}");
+}
+
+#[test]
+fn sigterm_stops_cleanly_with_143() {
+    let (status, err) = stop_with("-TERM");
+    assert_eq!(status.code(), Some(143), "{err}");
+    assert!(err.contains("SIGTERM: finishing"), "{err}");
 }
 
 #[test]
