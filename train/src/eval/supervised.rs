@@ -154,6 +154,25 @@ impl<B: AutodiffBackend> SupTrainer<B> {
     fn model(&self) -> Result<&SimclrModel<B>, String> {
         self.model.as_ref().ok_or_else(|| "the model was lost in a failed step".to_string())
     }
+
+    /// Replaces the tensors under `model.<part>.` by those of `map` (the checkpoint loader,
+    /// restricted to one part); the loaded ones leave `map`. Returns the mismatches.
+    fn load_part(
+        &mut self,
+        map: &mut HashMap<String, NamedTensor>,
+        part: &'static str,
+    ) -> Result<Vec<String>, String> {
+        let model = self.model.take().ok_or_else(|| "the model was lost in a failed step".to_string())?;
+        let mut load = crate::checkpoint::Load::<B> {
+            tensors: map,
+            device: self.device.clone(),
+            path: Vec::new(),
+            errors: Vec::new(),
+            only: Some(part),
+        };
+        self.model = Some(model.map(&mut load));
+        Ok(load.errors)
+    }
 }
 
 fn to_vec<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, String> {
@@ -204,16 +223,7 @@ impl<B: AutodiffBackend> LabeledEngine for SupTrainer<B> {
             .map(|t| (format!("model.encoder.{}", t.name), t.clone()))
             .collect();
         let given = map.len();
-        let model = self.model.take().ok_or_else(|| "the model was lost in a failed step".to_string())?;
-        let mut load = crate::checkpoint::Load::<B> {
-            tensors: &mut map,
-            device: self.device.clone(),
-            path: Vec::new(),
-            errors: Vec::new(),
-            only: Some("encoder"),
-        };
-        self.model = Some(model.map(&mut load));
-        let mut errors = load.errors;
+        let mut errors = self.load_part(&mut map, "encoder")?;
         if !errors.is_empty() {
             errors.truncate(5);
             return Err(format!("the encoder does not fit: {}", errors.join("; ")));
@@ -240,16 +250,7 @@ impl<B: AutodiffBackend> LabeledEngine for SupTrainer<B> {
         .into_iter()
         .map(|t| (t.name.clone(), t))
         .collect();
-        let model = self.model.take().ok_or_else(|| "the model was lost in a failed step".to_string())?;
-        let mut load = crate::checkpoint::Load::<B> {
-            tensors: &mut map,
-            device: self.device.clone(),
-            path: Vec::new(),
-            errors: Vec::new(),
-            only: Some("head"),
-        };
-        self.model = Some(model.map(&mut load));
-        let errors = load.errors;
+        let errors = self.load_part(&mut map, "head")?;
         if !errors.is_empty() || !map.is_empty() {
             let unused: Vec<&String> = map.keys().collect();
             return Err(format!("the classifier does not fit: {} (unused: {unused:?})", errors.join("; ")));
