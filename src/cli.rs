@@ -452,7 +452,7 @@ fn with_progress<T>(opts: &RunOptions, f: impl FnOnce() -> T) -> T {
 }
 
 fn run(plan: &Plan, common: &Common, out: Option<PathBuf>) -> Result<(), Failure> {
-    let dir = out.unwrap_or_else(|| PathBuf::from("runs").join(&plan.spec.name).join(crate::timestamp()));
+    let dir = out.unwrap_or_else(|| simclr_core::run_dir::default_dir(&plan.spec.name));
     run_in(plan, common, dir, false)
 }
 

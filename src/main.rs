@@ -8,7 +8,8 @@ mod render;
 mod report;
 mod train_bench;
 
-pub use render::{graph_text, timestamp};
+pub use render::graph_text;
+pub use simclr_core::run_dir::timestamp;
 
 fn main() {
     restore_sigpipe();

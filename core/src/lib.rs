@@ -7,6 +7,7 @@ pub mod error;
 pub mod graph;
 pub mod plugin;
 pub mod rng;
+pub mod run_dir;
 pub mod runtime;
 pub mod sample;
 pub mod simd;
