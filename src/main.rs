@@ -2,10 +2,18 @@
 //! arguments, prints, and maps outcomes to exit codes (0 ok, 1 runtime failure, 2 invalid
 //! input, 130 interrupted).
 
+mod bench_cmd;
 mod cli;
+mod failure;
+mod load;
+mod options;
 mod plot;
+mod plugins_cmd;
 mod render;
 mod report;
+mod run_cmd;
+mod signals;
+mod sweep_cmd;
 mod train_bench;
 
 pub use render::graph_text;

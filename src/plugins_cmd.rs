@@ -1,10 +1,9 @@
-//! Plugins on the command line: loading a pipeline's `plugins:` into the registry before
-//! validation, and `simclr plugins inspect LIB`.
+//! Plugins on the command line: `simclr kinds --plugin LIB` and `simclr plugins inspect LIB`.
 
 use std::path::{Path, PathBuf};
 
 use simclr_core::plugin::{self, abi, LoadedPlugin};
-use simclr_core::{Diagnostics, PipelineSpec, Registry};
+use simclr_core::Registry;
 
 /// `simclr plugins ...`
 #[derive(clap::Subcommand)]
@@ -17,13 +16,6 @@ pub enum PluginsCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-/// Loads the spec's `plugins:` (bare names from `SIMCLR_PLUGIN_PATH`) into `registry`; a
-/// library that fails to load is a diagnostic at its entry.
-pub fn load_plugins(spec: &PipelineSpec, registry: &mut Registry) -> Result<(), Diagnostics> {
-    let search = std::env::var_os(plugin::SEARCH_PATH_VAR);
-    plugin::load_spec_plugins(spec, registry, search.as_deref()).map(|_| ())
 }
 
 /// Runs a `plugins` subcommand; an `Err` is an invalid input (exit 2).
@@ -60,7 +52,7 @@ fn inspect(lib: &str, json: bool) -> Result<(), String> {
     let path: PathBuf = plugin::resolve(lib, Path::new("."), search.as_deref()).map_err(fail)?;
     let p = plugin::load(&path).map_err(fail)?;
     // Would it fit next to the built-in kinds?
-    let clash = plugin::register(&mut super::registry(), &p).err();
+    let clash = plugin::register(&mut crate::load::registry(), &p).err();
     if json {
         println!("{}", to_json(&p));
     } else {

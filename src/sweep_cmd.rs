@@ -8,7 +8,10 @@ use simclr_core::sweep::{
 };
 use simclr_core::Plan;
 
-use super::{check, run_in, Common, Failure};
+use crate::failure::Failure;
+use crate::load::check;
+use crate::options::Common;
+use crate::run_cmd::run_in;
 
 impl From<SweepError> for Failure {
     fn from(e: SweepError) -> Self {

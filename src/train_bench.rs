@@ -5,7 +5,7 @@ use simclr_core::driver::{build_chain, Mode};
 use simclr_core::yaml::Node;
 use simclr_core::{run_chain, Plan, RunOptions};
 
-use crate::cli::Failure;
+use crate::failure::Failure;
 
 /// The training stage kinds whose steps can be timed.
 const TRAINERS: &[&str] = &["simclr_train"];

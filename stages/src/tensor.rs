@@ -10,7 +10,7 @@ use simclr_core::{
 };
 
 /// `to_tensor`: RGB8 views to f32 3 x H x W in [0, 1], optionally normalized.
-use crate::augment::color::multiversion;
+use simclr_core::multiversion;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -20,8 +20,9 @@ use simclr_core::{
     Context, Image, MapStage, PortType, Problem, Role, Sample, SampleCtx, Stage, StageConfig, StageError,
 };
 
-use super::color::{check_image, multiversion, uniform};
+use super::pixel::{check_image, uniform};
 use super::{check_p, check_views, for_each_view};
+use simclr_core::multiversion;
 
 /// What lies beyond the image's edges.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -306,8 +307,8 @@ impl MapStage for GaussianBlur {
 
 #[cfg(test)]
 mod tests {
-    use super::super::color::testing::*;
     use super::*;
+    use crate::augment::testing::*;
     use proptest::prelude::*;
 
     #[test]

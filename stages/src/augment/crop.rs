@@ -16,7 +16,7 @@ use simclr_core::{
     StageRng,
 };
 
-use super::color::check_image;
+use super::pixel::check_image;
 use super::{check_views, for_each_view};
 
 /// What to crop when no attempt fits inside the image.
@@ -241,8 +241,8 @@ impl MapStage for RandomResizedCrop {
 
 #[cfg(test)]
 mod tests {
-    use super::super::color::testing::*;
     use super::*;
+    use crate::augment::testing::*;
     use proptest::prelude::*;
     use rand::SeedableRng;
 

@@ -8,7 +8,7 @@ use simclr_core::{
     Context, Image, MapStage, PortType, Problem, Role, Sample, SampleCtx, Stage, StageConfig, StageError,
 };
 
-use super::color::{check_image, uniform};
+use super::pixel::{check_image, uniform};
 use super::{check_p, check_views, for_each_view};
 
 fn one() -> f32 {
@@ -93,8 +93,8 @@ impl MapStage for Cutout {
 
 #[cfg(test)]
 mod tests {
-    use super::super::color::testing::*;
     use super::*;
+    use crate::augment::testing::*;
     use proptest::prelude::*;
 
     #[test]

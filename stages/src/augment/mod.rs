@@ -10,8 +10,11 @@ pub mod cutout;
 pub mod flip;
 pub mod motion_blur;
 pub mod noise;
+pub mod pixel;
 pub mod rotate;
 pub mod sobel;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod tone;
 pub mod views;
 

@@ -13,7 +13,7 @@ use simclr_core::{
 };
 use simclr_plugin::motion_blur::{self, Params};
 
-use super::color::check_image;
+use super::pixel::check_image;
 use super::{check_views, for_each_view};
 
 fn half() -> f64 {
@@ -90,8 +90,8 @@ impl MapStage for MotionBlurBuiltin {
 
 #[cfg(test)]
 mod tests {
-    use super::super::color::testing::*;
     use super::*;
+    use crate::augment::testing::*;
 
     #[test]
     fn blurs_deterministically_and_keeps_sizes() {

@@ -10,7 +10,7 @@ use simclr_core::{
     StageRng,
 };
 
-use super::color::{check_image, to_u8, to_unit, uniform};
+use super::pixel::{check_image, to_u8, to_unit, uniform};
 use super::{check_p, check_views, for_each_view};
 
 fn one() -> f32 {
@@ -100,8 +100,8 @@ impl MapStage for GaussianNoise {
 
 #[cfg(test)]
 mod tests {
-    use super::super::color::testing::*;
     use super::*;
+    use crate::augment::testing::*;
     use proptest::prelude::*;
     use rand::SeedableRng;
 

@@ -9,7 +9,7 @@ use simclr_core::{
     Context, Image, MapStage, PortType, Problem, Role, Sample, SampleCtx, Stage, StageConfig, StageError,
 };
 
-use super::color::check_image;
+use super::pixel::check_image;
 use super::{check_p, check_views, for_each_view};
 
 fn one() -> f32 {
@@ -116,8 +116,8 @@ impl MapStage for Rotate {
 
 #[cfg(test)]
 mod tests {
-    use super::super::color::testing::*;
     use super::*;
+    use crate::augment::testing::*;
     use proptest::prelude::*;
 
     fn px(img: &Image, x: usize, y: usize) -> &[u8] {

@@ -8,7 +8,7 @@ use simclr_core::{
     Context, Image, MapStage, PortType, Problem, Role, Sample, SampleCtx, Stage, StageConfig, StageError,
 };
 
-use super::color::check_image;
+use super::pixel::check_image;
 use super::{check_p, check_views, for_each_view};
 
 fn one() -> f32 {
@@ -158,8 +158,8 @@ impl MapStage for Equalize {
 
 #[cfg(test)]
 mod tests {
-    use super::super::color::testing::*;
     use super::*;
+    use crate::augment::testing::*;
     use proptest::prelude::*;
 
     #[test]
