@@ -223,7 +223,7 @@ pub fn write_markdown(
     }
     s.push_str(
         "Files: `pipeline.yaml` (the resolved pipeline), `metrics.jsonl` (one line per step and epoch), \
-                `results.json` (every final metric).\n",
+                `tb/` (the same as TensorBoard events: `tensorboard --logdir` this folder), `results.json` (every final metric).\n",
     );
     std::fs::write(dir.join("report.md"), s)
 }

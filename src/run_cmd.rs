@@ -51,6 +51,10 @@ pub fn run_in(plan: &Plan, common: &Common, dir: PathBuf, resume: bool) -> Resul
         "chains".into(),
         serde_json::to_value(reports.iter().map(|(_, r)| r).collect::<Vec<_>>()).unwrap_or_default(),
     );
+    // The final numbers next to the training curves in TensorBoard.
+    if let Err(e) = simclr_core::tensorboard::write_results(&dir, &results, 0) {
+        tracing::warn!("cannot write the results' TensorBoard events in {}: {e}", dir.display());
+    }
     let plots = crate::report::plots(&dir, plan);
     crate::report::write_markdown(&dir, &plan.spec.name, &results, &plots)
         .with_context(|| format!("cannot write into {}", dir.display()))?;

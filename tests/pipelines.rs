@@ -138,6 +138,14 @@ fn cifar10_and_imagenet_pipelines_run_on_tiny_fixtures() {
             assert!((0.0..=100.0).contains(&top1), "{file}: {method} {results}");
         }
         assert!(out.join("report.md").exists() && out.join("encoder.safetensors").exists());
+        // TensorBoard events: the trainer's curves and the final results, each a file of tb/
+        // (python/tests/test_tensorboard.py reads them with TensorBoard's own reader).
+        let events: Vec<Vec<u8>> = std::fs::read_dir(out.join("tb"))
+            .unwrap()
+            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+            .collect();
+        let has = |tag: &str| events.iter().any(|b| b.windows(tag.len()).any(|w| w == tag.as_bytes()));
+        assert!(events.len() >= 2 && has("train/loss") && has("results/simclr/linear_top1"), "{file}");
         if file.contains("cifar10") {
             let ft = results["simclr"]["finetune_50pct_top1"].as_f64().unwrap_or(-1.0);
             assert!((0.0..=100.0).contains(&ft), "{results}");

@@ -14,6 +14,7 @@ pub mod simd;
 pub mod spec;
 pub mod stage;
 pub mod sweep;
+pub mod tensorboard;
 pub mod yaml;
 
 pub use artifact::Artifacts;

@@ -80,6 +80,9 @@ pub fn run<'py>(
         serde_json::to_value(reports.iter().map(|(_, r)| r).collect::<Vec<_>>()).unwrap_or_default(),
     );
     results.insert("run_dir".into(), serde_json::Value::String(dir.display().to_string()));
+    if let Err(e) = simclr_core::tensorboard::write_results(&dir, &results, 0) {
+        tracing::warn!("cannot write the results' TensorBoard events in {}: {e}", dir.display());
+    }
     let text = serde_json::to_string_pretty(&results).unwrap_or_default();
     let path = dir.join(simclr_core::sweep::RESULTS_FILE);
     simclr_core::sweep::write_atomic(&path, text.as_bytes())

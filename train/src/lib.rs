@@ -15,6 +15,7 @@ pub mod cpu;
 pub mod eval;
 pub mod export;
 pub mod loss;
+mod metrics_log;
 pub mod model;
 pub mod optim;
 pub mod stage;

@@ -4,8 +4,6 @@
 
 mod resume;
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -85,7 +83,7 @@ pub struct TrainSink {
     cfg: SimclrTrain,
     engine: Box<dyn Engine>,
     run_dir: Option<PathBuf>,
-    metrics: Option<BufWriter<File>>,
+    metrics: Option<crate::metrics_log::MetricsLog>,
     /// Global step index (0-based) of the next step.
     step: u64,
     /// The epoch (as carried by the samples) being trained.
@@ -145,7 +143,7 @@ impl TrainSink {
     }
 
     fn write_line(&mut self, line: serde_json::Value) -> Result<(), StageError> {
-        append_metrics(&mut self.metrics, self.run_dir.as_deref(), &line)
+        crate::metrics_log::append_metrics(&mut self.metrics, self.run_dir.as_deref(), &line)
     }
 
     /// Writes the epoch line of the epoch just finished.
@@ -352,29 +350,4 @@ impl Engine for Spent {
     fn load_state(&mut self, _: &[crate::export::NamedTensor]) -> Result<(), String> {
         Err("training already finished".into())
     }
-}
-
-/// Appends one line to `metrics.jsonl` in `run_dir` (none: no run directory, nothing written),
-/// opening it on first use; flushed per line so a crash loses nothing written.
-pub(crate) fn append_metrics(
-    file: &mut Option<BufWriter<File>>,
-    run_dir: Option<&std::path::Path>,
-    line: &serde_json::Value,
-) -> Result<(), StageError> {
-    let Some(dir) = run_dir else { return Ok(()) };
-    let w = match file {
-        Some(w) => w,
-        None => {
-            let path = dir.join("metrics.jsonl");
-            let f = File::options()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| StageError::fatal(format!("cannot open {}: {e}", path.display())))?;
-            file.insert(BufWriter::new(f))
-        }
-    };
-    writeln!(w, "{line}")
-        .and_then(|_| w.flush())
-        .map_err(|e| StageError::fatal(format!("cannot write {}: {e}", dir.join("metrics.jsonl").display())))
 }

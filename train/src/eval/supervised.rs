@@ -1,8 +1,6 @@
 //! `supervised_train`: the supervised baseline from the same backbone: the encoder plus a linear
 //! classifier trained with cross-entropy on labeled batches (crop + flip upstream).
 
-use std::fs::File;
-use std::io::BufWriter;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -377,7 +375,7 @@ pub(super) struct SupervisedSink {
     id: String,
     run_dir: Option<PathBuf>,
     artifacts: Artifacts,
-    metrics: Option<BufWriter<File>>,
+    metrics: Option<crate::metrics_log::MetricsLog>,
     step: u64,
     epoch: Option<u32>,
     steps_per_epoch: Option<u64>,
@@ -418,7 +416,7 @@ impl SupervisedSink {
     }
 
     fn write(&mut self, line: serde_json::Value) -> Result<(), StageError> {
-        crate::stage::append_metrics(&mut self.metrics, self.run_dir.as_deref(), &line)
+        crate::metrics_log::append_metrics(&mut self.metrics, self.run_dir.as_deref(), &line)
     }
 
     fn end_epoch(&mut self) -> Result<(), StageError> {
