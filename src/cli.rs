@@ -128,6 +128,15 @@ enum Command {
         #[arg(long = "plugin", value_name = "LIB")]
         plugins: Vec<String>,
     },
+    /// Print the JSON Schema (draft 2020-12) of pipeline files, for editors: every built-in
+    /// kind's fields, types, defaults and docs, plus those of `--plugin` libraries. The
+    /// repository ships it as schema/pipeline.schema.json.
+    Schema {
+        /// A plugin library whose kinds to include (a path, or a bare name looked up in
+        /// SIMCLR_PLUGIN_PATH); repeatable.
+        #[arg(long = "plugin", value_name = "LIB")]
+        plugins: Vec<String>,
+    },
     /// Plugin libraries (more stage kinds): `simclr plugins inspect LIB`.
     Plugins {
         #[command(subcommand)]
@@ -260,6 +269,13 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 let origin = from.get(f.kind()).map(|lib| format!("  [plugin: {lib}]")).unwrap_or_default();
                 println!("{:<22} {:?}  {}{origin}", f.kind(), f.role(), f.about());
             }
+            Ok(())
+        }
+        Command::Schema { plugins } => {
+            let mut registry = registry();
+            plugins_cmd::register_libraries(&plugins, &mut registry).map_err(Failure::Invalid)?;
+            let schema = simclr_core::schema::pipeline_schema(&registry);
+            println!("{}", serde_json::to_string_pretty(&schema).unwrap_or_default());
             Ok(())
         }
         Command::Plugins { command } => plugins_cmd::run(command).map_err(Failure::Invalid),

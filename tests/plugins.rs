@@ -146,6 +146,31 @@ fn rust_example_same_digest_for_1_and_2_threads_and_same_as_its_builtin_twin() {
     assert_ne!(off["digest"], first["digest"]);
 }
 
+/// The shipped plugin pipelines pass `simclr schema --plugin LIB` (tests/schema.rs checks the
+/// others against the built-in schema), and the plugin's own schema catches a misspelt field.
+#[test]
+fn plugin_pipelines_pass_the_schema_with_their_plugins() {
+    require_cc!();
+    let dir = tempfile::tempdir().unwrap();
+    let source = std::fs::read_to_string(root().join("plugins/examples/posterize/posterize.c")).unwrap();
+    let posterize = cc_plugin(dir.path(), "posterize", &source);
+    for (lib, file) in [
+        (motion_blur_plugin().to_path_buf(), "pipelines/plugin-motion-blur.yaml"),
+        (posterize, "pipelines/plugin-posterize.yaml"),
+    ] {
+        let out = simclr().arg("schema").arg("--plugin").arg(&lib).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let schema: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let validator = jsonschema::draft202012::new(&schema).unwrap();
+        let src = std::fs::read_to_string(root().join(file)).unwrap();
+        let doc = simclr_core::yaml::parse(&src).unwrap().value.to_json();
+        let errs: Vec<String> = validator.iter_errors(&doc).map(|e| e.to_string()).collect();
+        assert!(errs.is_empty(), "{file}: {errs:#?}");
+        let bad = simclr_core::yaml::parse(&src.replace("p: ", "pp: ")).unwrap().value.to_json();
+        assert!(!validator.is_valid(&bad), "{file} with a misspelt `p` passed");
+    }
+}
+
 #[test]
 fn c_example_same_digest_for_1_and_2_threads() {
     require_cc!();

@@ -10,6 +10,7 @@ pub mod rng;
 pub mod run_dir;
 pub mod runtime;
 pub mod sample;
+pub mod schema;
 pub mod simd;
 pub mod spec;
 pub mod stage;

@@ -77,7 +77,9 @@ pub enum Role {
 }
 
 /// What a source does with bad samples.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum OnError {
     /// Stop the run, naming the sample.
@@ -88,7 +90,7 @@ pub enum OnError {
 }
 
 /// Which part of the dataset this process reads (`index` of `count`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Shard {
     pub index: u64,
@@ -292,7 +294,7 @@ pub struct StageRef {
 }
 
 /// A stage kind: its config struct is the schema, and builds the stage.
-pub trait StageConfig: DeserializeOwned + Send + Sync + 'static {
+pub trait StageConfig: DeserializeOwned + schemars::JsonSchema + Send + Sync + 'static {
     const KIND: &'static str;
     /// One line for `--help`-style listings.
     const ABOUT: &'static str;
@@ -343,6 +345,9 @@ pub trait Factory: Send + Sync {
     fn about(&self) -> &str;
     fn role(&self) -> Role;
     fn parse(&self, config: serde_json::Value) -> Result<Box<dyn Configured>, ConfigError>;
+    /// The JSON Schema of the kind's own config fields (the common stage keys are added by
+    /// [`crate::schema`]); nested types go into `generator`'s definitions.
+    fn schema(&self, generator: &mut schemars::SchemaGenerator) -> serde_json::Value;
 }
 
 struct Typed<C>(PhantomData<fn() -> C>);
@@ -350,6 +355,9 @@ struct Typed<C>(PhantomData<fn() -> C>);
 impl<C: StageConfig> Factory for Typed<C> {
     fn kind(&self) -> &str {
         C::KIND
+    }
+    fn schema(&self, generator: &mut schemars::SchemaGenerator) -> serde_json::Value {
+        C::json_schema(generator).to_value()
     }
     fn about(&self) -> &str {
         C::ABOUT

@@ -10,7 +10,7 @@ use simclr_core::{
 };
 
 /// `counter`: samples numbered 0..count with no payload (tests, overhead benchmarks).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Counter {
     /// Samples per epoch.
@@ -66,7 +66,7 @@ impl Source for Counter {
 }
 
 /// `identity`: passes samples through unchanged.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Identity {}
 
@@ -89,7 +89,7 @@ impl MapStage for Identity {
 }
 
 /// `null`: a sink that drops everything (the data pipeline alone, as in `bench`).
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Null {
     /// Passes over the data.
@@ -133,7 +133,7 @@ impl Sink for NullSink {
 }
 
 /// `fail`: fails on the sample with dataset index `at` (to test error handling).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Fail {
     pub at: u64,
@@ -142,7 +142,7 @@ pub struct Fail {
     pub mode: FailMode,
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FailMode {
     #[default]

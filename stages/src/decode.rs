@@ -14,7 +14,7 @@ use simclr_core::{
     StageError,
 };
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Decode {
     /// Largest image accepted, in pixels (default 100 megapixels).

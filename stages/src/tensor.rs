@@ -12,7 +12,7 @@ use simclr_core::{
 /// `to_tensor`: RGB8 views to f32 3 x H x W in [0, 1], optionally normalized.
 use simclr_core::multiversion;
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ToTensor {
     /// Per-channel mean to subtract (default none: the official code feeds [0, 1]).
@@ -144,9 +144,10 @@ impl TensorWriter for ToTensorStage {
 }
 
 /// `batch`: groups consecutive samples into N x C x H x W tensors, one per view.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
+    #[schemars(range(min = 1))]
     pub batch_size: usize,
     /// Drop the last, smaller batch of each epoch (default true, as training loaders do).
     #[serde(default = "yes")]

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use simclr_core::Problem;
 
 /// ResNet depth.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Backbone {
     /// BasicBlock [2, 2, 2, 2]; h is 512 x width.
@@ -27,7 +27,7 @@ impl Backbone {
 }
 
 /// The first layers of the encoder.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Stem {
     /// 3x3 conv, stride 1, no max-pool (32x32 inputs).
@@ -38,7 +38,7 @@ pub enum Stem {
 }
 
 /// Projection head g.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum HeadKind {
     /// z = h.
@@ -50,7 +50,7 @@ pub enum HeadKind {
     Nonlinear,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeadConfig {
     /// `none | linear | nonlinear` (default nonlinear).
@@ -77,7 +77,7 @@ impl Default for HeadConfig {
 }
 
 /// Contrastive objective (the paper's Table 4).
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LossKind {
     #[default]
@@ -87,7 +87,7 @@ pub enum LossKind {
 }
 
 /// How NT-Xent is reduced over the 2N anchors.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Reduction {
     /// Mean over the 2N anchors (the paper; near ln(2N-1) at initialization).
@@ -97,7 +97,7 @@ pub enum Reduction {
     Code,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LossConfig {
     /// `nt_xent | nt_logistic | margin_triplet` (default nt_xent).
@@ -129,7 +129,7 @@ impl Default for LossConfig {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OptimizerKind {
     #[default]
@@ -139,7 +139,7 @@ pub enum OptimizerKind {
 }
 
 /// How the base learning rate follows the batch size B (pairs per batch).
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LrScaling {
     /// lr x B / 256.
@@ -151,7 +151,7 @@ pub enum LrScaling {
     None,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OptimizerConfig {
     /// `lars | sgd | adamw` (default lars).
@@ -194,7 +194,7 @@ impl Default for OptimizerConfig {
 }
 
 /// `simclr_train`: trains encoder + head on batches of view pairs (a sink; its encoder is an artifact).
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SimclrTrain {
     /// `resnet18 | resnet34 | resnet50` (default resnet18).
@@ -239,7 +239,7 @@ pub struct SimclrTrain {
 }
 
 /// `monitor:` of `simclr_train`.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MonitorConfig {
     /// Labeled source stage the kNN looks up (e.g. the training split, unaugmented).

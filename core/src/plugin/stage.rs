@@ -32,6 +32,20 @@ impl PluginFactory {
 }
 
 impl Factory for PluginFactory {
+    fn schema(&self, _generator: &mut schemars::SchemaGenerator) -> serde_json::Value {
+        let mut schema = self.plugin.kinds[self.kind].schema.clone();
+        // The host handles `views:` for every plugin kind (see `PluginConfig`).
+        if let Some(Value::Object(props)) = schema.get_mut("properties") {
+            props.entry("views").or_insert_with(|| {
+                serde_json::json!({
+                    "type": "array",
+                    "items": {"type": "integer", "minimum": 0},
+                    "description": "The views this stage changes (default: all); `[0]` changes the first view only."
+                })
+            });
+        }
+        schema
+    }
     fn kind(&self) -> &str {
         &self.plugin.kinds[self.kind].name
     }

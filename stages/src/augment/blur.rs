@@ -25,7 +25,7 @@ use super::{check_p, check_views, for_each_view};
 use simclr_core::multiversion;
 
 /// What lies beyond the image's edges.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Padding {
     /// Zeros (TF's `SAME` convolution, the official code): edges darken a little.
@@ -46,11 +46,12 @@ fn tenth() -> f64 {
 }
 
 /// `gaussian_blur`: blur with a random sigma.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GaussianBlur {
     /// Probability per view. Default 0.5 (paper and code, ImageNet; CIFAR-10 uses no blur).
     #[serde(default = "half")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub p: f32,
     /// Range of sigma in pixels, drawn uniformly. Default [0.1, 2.0] (paper and code).
     #[serde(default = "default_sigma")]

@@ -20,7 +20,7 @@ use super::pixel::check_image;
 use super::{check_views, for_each_view};
 
 /// What to crop when no attempt fits inside the image.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Fallback {
     /// The whole image (the official code: `tf.image.sample_distorted_bounding_box` returns the
@@ -32,7 +32,7 @@ pub enum Fallback {
 }
 
 /// Resampling filter.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Interpolation {
     /// Catmull-Rom bicubic (a = -0.5, as TF's and PIL's bicubic): paper and code.
@@ -54,7 +54,7 @@ fn default_attempts() -> u32 {
 }
 
 /// `random_resized_crop`: crop a random box, resize it to `size` x `size`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RandomResizedCrop {
     /// Output side in pixels (required): 224 for ImageNet, 32 for CIFAR-10.

@@ -20,12 +20,13 @@ fn default_size() -> [f32; 2] {
 
 /// `cutout`: a square of side U(size) x the shorter image side, placed uniformly inside the
 /// image, filled with `fill`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Cutout {
     /// Probability. Default 1.0: the paper's pairwise study (Figure 5) applies each op to every
     /// image, only on one branch (`views: [0]`).
     #[serde(default = "one")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub p: f32,
     /// Range of the square's side as a fraction of the shorter image side, drawn uniformly.
     /// Default [0.1, 0.5] (the paper gives no numbers).

@@ -16,11 +16,12 @@ fn half() -> f32 {
 }
 
 /// `horizontal_flip`: mirror left-right.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HorizontalFlip {
     /// Probability of flipping. Default 0.5 (paper and code).
     #[serde(default = "half")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub p: f32,
     /// Views to flip (default: all).
     #[serde(default)]

@@ -27,7 +27,7 @@ fn default_angle() -> [f64; 2] {
 }
 
 /// `motion_blur_builtin`: directional blur with a random length and angle.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MotionBlurBuiltin {
     /// Probability per view. Default 0.5.

@@ -24,12 +24,13 @@ fn yes() -> bool {
 }
 
 /// `gaussian_noise`: adds N(0, std^2) in [0, 1] units, std ~ U(std range) per view, clipped.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GaussianNoise {
     /// Probability. Default 1.0: the paper's pairwise study (Figure 5) applies each op to every
     /// image, only on one branch (`views: [0]`).
     #[serde(default = "one")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub p: f32,
     /// Range of the noise's standard deviation in [0, 1] units, drawn uniformly per view.
     /// Default [0.0, 0.1] (the paper gives no numbers).

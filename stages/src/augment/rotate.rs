@@ -20,12 +20,13 @@ fn default_angles() -> Vec<u32> {
 }
 
 /// `rotate`: rotate by an angle drawn uniformly from `angles`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rotate {
     /// Probability. Default 1.0: the paper's pairwise study (Figure 5) applies each op to every
     /// image, only on one branch (`views: [0]`).
     #[serde(default = "one")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub p: f32,
     /// Angles in degrees, counter-clockwise, each 0, 90, 180 or 270. Default [90, 180, 270] (the
     /// paper's {90, 180, 270}). A non-square view rotated by 90 or 270 swaps width and height.

@@ -19,12 +19,13 @@ fn one() -> f32 {
 /// `sobel`: grayscale, then the Sobel gradient magnitude `sqrt(gx^2 + gy^2)` (3x3 kernels, edge
 /// pixels repeated at the border), scaled so the image's largest magnitude is 255 (a flat image
 /// becomes black), replicated to three channels.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Sobel {
     /// Probability. Default 1.0: the paper's pairwise study (Figure 5) applies each op to every
     /// image, only on one branch (`views: [0]`).
     #[serde(default = "one")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub p: f32,
     /// Luma weights: `tf` (default, 0.2989, 0.5870, 0.1140) or `itu601`.
     #[serde(default)]

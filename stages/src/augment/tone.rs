@@ -19,11 +19,12 @@ fn half() -> f32 {
 }
 
 /// `solarize`: inverts every value at or above `threshold`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Solarize {
     /// Probability. Default 1.0, like the Figure 5 ops (BYOL-style recipes use 0.2 on one branch).
     #[serde(default = "one")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub p: f32,
     /// Threshold in [0, 1] units: values v with v / 255 >= threshold become 255 - v. Default 0.5
     /// (= PIL's default 128).
@@ -35,11 +36,12 @@ pub struct Solarize {
 }
 
 /// `equalize`: per-channel histogram equalization, exactly as PIL's `ImageOps.equalize`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Equalize {
     /// Probability. Default 1.0, like the Figure 5 ops.
     #[serde(default = "one")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub p: f32,
     /// Views to change (default: all).
     #[serde(default)]

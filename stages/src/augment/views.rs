@@ -7,7 +7,7 @@ use simclr_core::{
     Context, MapStage, Payload, PortType, Problem, Role, Sample, SampleCtx, Stage, StageConfig, StageError,
 };
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Views {
     /// Views per image.

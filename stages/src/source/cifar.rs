@@ -21,7 +21,7 @@ use super::{check_common, check_exists};
 
 const PIXELS: usize = 32 * 32;
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Split {
     #[default]
@@ -29,7 +29,7 @@ pub enum Split {
     Test,
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LabelKind {
     #[default]
@@ -39,7 +39,7 @@ pub enum LabelKind {
 
 macro_rules! cifar_config {
     ($name:ident, $kind:literal, $about:literal, $extra:ident) => {
-        #[derive(Clone, Debug, Deserialize)]
+        #[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
         #[serde(deny_unknown_fields)]
         pub struct $name {
             /// The folder holding the `.bin` files, or one `.bin` file.

@@ -20,7 +20,7 @@ use super::{check_common, check_exists};
 /// File extensions read (case-insensitive).
 pub const EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp"];
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImageFolder {
     /// The root folder.

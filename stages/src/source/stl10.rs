@@ -20,7 +20,7 @@ use super::{check_common, check_exists};
 const SIDE: usize = 96;
 const REC: usize = 3 * SIDE * SIDE;
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StlSplit {
     Train,
@@ -32,7 +32,7 @@ pub enum StlSplit {
     TrainUnlabeled,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Stl10 {
     /// The extracted `stl10_binary` folder.

@@ -21,7 +21,7 @@ use super::check_common;
 /// The shapes, in class order.
 pub const SHAPES: &[&str] = &["circle", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent"];
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SynthSplit {
     #[default]
@@ -30,7 +30,7 @@ pub enum SynthSplit {
     Test,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SyntheticShapes {
     /// Images per epoch (default 2000).

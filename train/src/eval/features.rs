@@ -62,7 +62,7 @@ impl EncoderArtifact {
 
 /// The evaluation transform: images up to 32 px go in as they are; larger ones are centre-cropped
 /// to `crop_fraction` of their shorter side and resized to `size` x `size` (bilinear).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EvalTransform {
     /// Side fed to the encoder for images larger than 32 px (default 224).

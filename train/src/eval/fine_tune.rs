@@ -76,7 +76,7 @@ pub(super) fn keep_rows(batch: &simclr_core::Batch, keep: impl Fn(u64) -> bool) 
 /// `fine_tune`: the semi-supervised protocol: a pre-trained encoder plus a linear classifier,
 /// trained end to end with the labels of `label_fraction` of the data; reports top-1/top-5 on
 /// `test_data` as `<method>.finetune_<pct>pct_top1`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FineTune {
     /// The encoder stage to start from (e.g. `train`).
@@ -85,6 +85,7 @@ pub struct FineTune {
     pub classes: usize,
     /// Share of the training samples whose labels are used (default 0.1; the paper: 0.01, 0.1).
     #[serde(default = "tenth")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub label_fraction: f64,
     /// Labeled source stage to report on.
     pub test_data: String,
@@ -118,7 +119,7 @@ fn probe_l2() -> f64 {
 }
 
 /// `fine_tune`'s classifier initialization.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum HeadInit {
     #[default]

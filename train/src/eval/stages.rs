@@ -26,7 +26,7 @@ fn data_ref(field: &str, stage: &str) -> StageRef {
 
 /// `random_init`: an untrained encoder with the architecture of another encoder stage (the
 /// random-init baseline), initialized from the pipeline seed.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RandomInit {
     /// The encoder stage whose architecture to copy (e.g. `train`).
@@ -68,7 +68,7 @@ impl Task for Done {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
     /// L2-regularized multinomial logistic regression by L-BFGS (the transfer protocol).
@@ -80,7 +80,7 @@ pub enum Protocol {
 
 /// `linear_eval`: a linear classifier on frozen features of each encoder; top-1/top-5 on the
 /// test split (and kNN accuracy with `knn: true`).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LinearEval {
     /// The encoder stages to evaluate (`simclr_train`, `supervised_train`, `random_init`).
@@ -107,6 +107,7 @@ pub struct LinearEval {
     #[serde(default = "lr")]
     pub lr: f64,
     #[serde(default = "batch")]
+    #[schemars(range(min = 1))]
     pub batch_size: usize,
     /// `sgd`: train on random resized crops + flips of the training images, encoded afresh
     /// every epoch (the paper's linear evaluation; default true). `false`: on the cached
@@ -120,6 +121,7 @@ pub struct LinearEval {
     /// keys are `linear_<pct>pct_top1` etc.; the subset is the one `fine_tune` uses for the
     /// same share of the same data and seed (the paper's semi-supervised comparison, Table 7).
     #[serde(default = "one")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub label_fraction: f64,
     /// kNN neighbours (default 200) and temperature (default 0.1).
     #[serde(default = "k")]
@@ -225,7 +227,7 @@ impl StageConfig for LinearEval {
 }
 
 /// `knn_eval`: weighted kNN (cosine similarity) on frozen features of each encoder.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KnnEval {
     pub encoders: Vec<String>,
@@ -475,7 +477,7 @@ fn augmented_sgd(
 
 /// `extract_features`: runs a frozen encoder over a labeled source with the evaluation transform
 /// and writes `features-<id>.safetensors` (features N x dim, labels N) in the run directory.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExtractFeatures {
     pub encoder: String,

@@ -29,7 +29,7 @@ use crate::trainer::StepError;
 
 /// `supervised_train`: encoder + linear classifier, cross-entropy with labels (a sink; its
 /// encoder is an artifact, filed as `supervised`).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SupervisedTrain {
     /// `resnet18 | resnet34 | resnet50` (default resnet18).

@@ -33,7 +33,7 @@ pub use ops::{
 };
 
 /// Brightness as the official code's `impl` flag.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BrightnessMode {
     /// `simclrv2` (the code's default): multiply by f ~ U(max(0, 1 - b), 1 + b).
@@ -44,7 +44,7 @@ pub enum BrightnessMode {
 }
 
 /// The mean that contrast scales around.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ContrastMean {
     /// Per-channel mean (`tf.image.adjust_contrast`, the official code).
@@ -55,7 +55,7 @@ pub enum ContrastMean {
 }
 
 /// How saturation is changed.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SaturationMode {
     /// Multiply S in HSV by the factor, clipping S to [0, 1] (`tf.image.adjust_saturation`, the
@@ -67,7 +67,7 @@ pub enum SaturationMode {
 }
 
 /// Luma weights for grayscale.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum GrayWeights {
     /// 0.2989, 0.5870, 0.1140 (`tf.image.rgb_to_grayscale`, the official code).
@@ -204,11 +204,12 @@ fn hue_02() -> f32 {
 /// `color_distort`: SimCLR's color distortion at strength `s` (the paper's Appendix A code):
 /// with p = 0.8 a color jitter (brightness, contrast, saturation 0.8s, hue 0.2s, in a random
 /// order), then, independently, with p = 0.2 grayscale.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ColorDistort {
     /// Strength s. Default 1.0 (the ImageNet recipe; CIFAR-10 uses 0.5, Table 1 sweeps 1/8..1).
     #[serde(default = "one")]
+    #[schemars(range(min = 0.0))]
     pub strength: f32,
     /// Probability of the jitter. Default 0.8 (paper and code).
     #[serde(default = "p_jitter")]
@@ -302,7 +303,7 @@ impl MapStage for ColorDistort {
 /// `color_jitter`: the jitter alone, with explicit maximum changes (torchvision's `ColorJitter`
 /// inside `RandomApply`). The defaults are SimCLR's at s = 1, so `color_jitter` followed by
 /// `random_grayscale` is the same recipe as `color_distort` (except for one more rounding to u8).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ColorJitter {
     /// Brightness factor ~ U(max(0, 1-b), 1+b) (`v2`) or offset ~ U(-b, b) (`v1`); 0 = off.
@@ -320,6 +321,7 @@ pub struct ColorJitter {
     pub hue: f32,
     /// Probability of applying the jitter. Default 0.8 (SimCLR).
     #[serde(default = "p_jitter")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub p: f32,
     /// A fresh random order of the four ops per view. Default true (SimCLR and torchvision).
     #[serde(default = "yes")]
@@ -393,11 +395,12 @@ impl MapStage for ColorJitter {
 }
 
 /// `random_grayscale`: with probability p, the luma replicated to three channels.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RandomGrayscale {
     /// Probability. Default 0.2 (SimCLR).
     #[serde(default = "p_gray")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub p: f32,
     /// `tf` (default: 0.2989, 0.5870, 0.1140, the code) or `itu601` (0.299, 0.587, 0.114).
     #[serde(default)]
