@@ -222,7 +222,7 @@ pub fn write_markdown(
         let _ = writeln!(s, "![{p}]({p})\n");
     }
     s.push_str(
-        "Files: `pipeline.yaml` (the resolved pipeline), `metrics.jsonl` (one line per step and epoch), \
+        "Files: `pipeline.yaml` (the resolved pipeline: `simclr run` it to reproduce this run), `metrics.jsonl` (one line per step and epoch), \
                 `tb/` (the same as TensorBoard events: `tensorboard --logdir` this folder), `results.json` (every final metric).\n",
     );
     std::fs::write(dir.join("report.md"), s)

@@ -24,13 +24,18 @@ pub fn run_in(plan: &Plan, common: &Common, dir: PathBuf, resume: bool) -> Resul
     if !resume {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
-        let resolved = plan.spec.doc.value.to_json();
-        // JSON is YAML: the resolved pipeline (overrides applied) can be run again as is.
-        std::fs::write(
-            dir.join("pipeline.yaml"),
-            serde_json::to_string_pretty(&resolved).unwrap_or_default(),
-        )
-        .with_context(|| format!("cannot write into {}", dir.display()))?;
+        let header = format!(
+            "The pipeline this run ran, resolved: {} with its overrides applied, every stage's\n\
+             defaults written out and paths made absolute (simclr {}, {} UTC).\n\
+             Rerun it from anywhere: simclr run {}",
+            plan.spec.file.display(),
+            env!("CARGO_PKG_VERSION"),
+            simclr_core::run_dir::timestamp(),
+            dir.join(simclr_core::run_dir::PIPELINE_FILE).display()
+        );
+        let text = simclr_core::run_dir::to_yaml(&resolved(plan), &header);
+        std::fs::write(dir.join(simclr_core::run_dir::PIPELINE_FILE), text)
+            .with_context(|| format!("cannot write into {}", dir.display()))?;
     }
     let reports = match with_progress(&opts, || run_plan(plan, &opts, Mode::Full)) {
         Err(RunError::Interrupted) if dir.join(simclr_train::checkpoint::FILE).is_file() => {
@@ -97,6 +102,14 @@ fn resume_command(plan: &Plan, common: &Common, dir: &Path) -> String {
 /// Fields that may differ between a run and its resumption (they do not change the results).
 const RESUME_FREE: [&str; 3] = ["device", "log_every", "checkpoint_every"];
 
+/// The resolved form of `plan` (see `simclr_core::run_dir::resolved_pipeline`), with the
+/// built-in kinds and the file's plugins.
+pub fn resolved(plan: &Plan) -> serde_json::Value {
+    let mut registry = crate::load::registry();
+    let _ = crate::load::load_plugins(&plan.spec, &mut registry);
+    simclr_core::run_dir::resolved_pipeline(plan, &registry)
+}
+
 /// Before `--resume DIR`: DIR is a run directory with a checkpoint, and FILE (with its --set
 /// options) is the pipeline it was started with.
 pub fn check_resume(plan: &Plan, file: &Path, dir: &Path) -> Result<(), Failure> {
@@ -108,14 +121,23 @@ pub fn check_resume(plan: &Plan, file: &Path, dir: &Path) -> Result<(), Failure>
             saved_path.display()
         ))
     })?;
-    let saved: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+    let saved = simclr_core::yaml::parse(&text).map(|d| d.value.to_json()).map_err(|e| {
         Failure::Invalid(format!(
-            "{}: {e} (it is written by `simclr run`; do not edit it)",
-            saved_path.display()
+            "{}: {} (it is written by `simclr run`; do not edit it)",
+            saved_path.display(),
+            e.message
         ))
     })?;
     let mut diffs = Vec::new();
-    json_diff(&saved, &plan.spec.doc.value.to_json(), "", &mut diffs);
+    json_diff(&saved, &resolved(plan), "", &mut diffs);
+    if !diffs.is_empty() {
+        // A run directory from before the resolved YAML form held the document as written.
+        let mut old = Vec::new();
+        json_diff(&saved, &plan.spec.doc.value.to_json(), "", &mut old);
+        if old.is_empty() {
+            diffs.clear();
+        }
+    }
     if !diffs.is_empty() {
         diffs.truncate(5);
         return Err(Failure::Invalid(format!(

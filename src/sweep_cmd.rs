@@ -52,6 +52,13 @@ impl VariantRunner for CliRunner<'_> {
             }
         }
     }
+
+    fn saved_form(&self, index: usize, variant: &Variant) -> serde_json::Value {
+        match self.plans.get(index) {
+            Some(plan) => crate::run_cmd::resolved(plan),
+            None => variant.doc.value.to_json(),
+        }
+    }
 }
 
 pub(crate) fn sweep(

@@ -171,3 +171,56 @@ fn graph_prints_dot_and_mermaid() {
     let mm = simclr().args(["graph", "pipelines/demo.yaml", "--format", "mermaid"]).output().unwrap();
     assert!(String::from_utf8_lossy(&mm.stdout).starts_with("flowchart"));
 }
+
+/// The run directory's `pipeline.yaml` is YAML: the resolved pipeline (overrides applied,
+/// defaults written out, paths absolute) under a header, and running it elsewhere gives the
+/// same encoder, byte for byte.
+#[test]
+fn the_resolved_pipeline_is_yaml_and_reproduces_the_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let file = data.join("tiny.yaml");
+    std::fs::write(
+        &file,
+        "name: tiny\nseed: 5\nstages:\n  - { id: data, kind: synthetic_shapes, count: 32, size: 16, shuffle: true }\n  - { id: views, kind: views, count: 2 }\n  - { id: crop, kind: random_resized_crop, size: 16 }\n  - { id: color, kind: color_distort }\n  - { id: tensor, kind: to_tensor }\n  - { id: batch, kind: batch, batch_size: 16 }\n  - { id: train, kind: simclr_train, width: 0.0625, epochs: 1, warmup_epochs: 0, checkpoint_every: 0 }\n",
+    )
+    .unwrap();
+    let first = dir.path().join("run1");
+    let out = simclr()
+        .arg("run")
+        .arg(&file)
+        .args(["--set", "crop.scale=[0.3, 1.0]"])
+        .arg("--out")
+        .arg(&first)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(first.join("pipeline.yaml")).unwrap();
+    assert!(text.starts_with("# The pipeline this run ran, resolved: "), "{text}");
+    assert!(text.contains("\nstages:\n  - { id: data, kind: synthetic_shapes, "), "{text}");
+    assert!(!text.trim_start().starts_with('{'), "{text}");
+    let doc = simclr_core::yaml::parse(&text).unwrap().value.to_json();
+    let crop = doc["stages"].as_array().unwrap().iter().find(|s| s["id"] == "crop").unwrap();
+    assert_eq!(crop["scale"], serde_json::json!([0.3, 1.0]), "the override is applied");
+    assert_eq!(crop["ratio"], serde_json::json!([0.75, 1.3333334]), "defaults are written out");
+    assert_eq!(doc["seed"], 5);
+    // Run it again from the run directory (another working directory, another place).
+    let second = dir.path().join("run2");
+    let out = simclr()
+        .current_dir(&first)
+        .arg("run")
+        .arg("pipeline.yaml")
+        .arg("--out")
+        .arg(&second)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let a = std::fs::read(first.join("encoder.safetensors")).unwrap();
+    let b = std::fs::read(second.join("encoder.safetensors")).unwrap();
+    assert!(a == b, "the encoders differ");
+    // And its own resolved pipeline is the same document.
+    let again =
+        simclr_core::yaml::parse(&std::fs::read_to_string(second.join("pipeline.yaml")).unwrap()).unwrap();
+    assert_eq!(again.value.to_json(), doc);
+}

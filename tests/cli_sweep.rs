@@ -63,8 +63,10 @@ fn a_grid_sweep_runs_every_variant_reports_and_resumes() {
     }
     assert_eq!(stdout.matches("== variant").count(), 4, "{stdout}");
     // The variant's pipeline is the base with the ops swapped in.
-    let color: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("color/pipeline.yaml")).unwrap()).unwrap();
+    let color = simclr_core::yaml::parse(&std::fs::read_to_string(out.join("color/pipeline.yaml")).unwrap())
+        .unwrap()
+        .value
+        .to_json();
     assert_eq!(color["stages"][2]["kind"], "color_distort");
     assert_eq!(color["stages"][3]["kind"], "identity");
     assert!(color.get("sweep").is_none());

@@ -112,35 +112,36 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
 /// Writes f32 defaults as written in the source (`0.08`, not `0.07999999821186066`): a default
 /// that is exactly an f32 is replaced by the shortest decimal of that f32.
 fn tidy_defaults(v: &mut Value) {
-    fn shorten(x: &mut Value) {
-        match x {
-            Value::Number(n) if n.is_f64() => {
-                if let Some(f) = n.as_f64() {
-                    let g = f as f32;
-                    if f64::from(g) == f {
-                        if let Some(m) =
-                            format!("{g}").parse::<f64>().ok().and_then(serde_json::Number::from_f64)
-                        {
-                            *n = m;
-                        }
-                    }
-                }
-            }
-            Value::Array(items) => items.iter_mut().for_each(shorten),
-            _ => {}
-        }
-    }
     match v {
         Value::Object(m) => {
             for (k, x) in m.iter_mut() {
                 if k == "default" {
-                    shorten(x);
+                    shorten_f32(x);
                 } else {
                     tidy_defaults(x);
                 }
             }
         }
         Value::Array(items) => items.iter_mut().for_each(tidy_defaults),
+        _ => {}
+    }
+}
+
+/// Numbers that are exactly an f32 as that f32's shortest decimal (`0.08`), in place.
+pub(crate) fn shorten_f32(x: &mut Value) {
+    match x {
+        Value::Number(n) if n.is_f64() => {
+            if let Some(f) = n.as_f64() {
+                let g = f as f32;
+                if f64::from(g) == f {
+                    if let Some(m) = format!("{g}").parse::<f64>().ok().and_then(serde_json::Number::from_f64)
+                    {
+                        *n = m;
+                    }
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(shorten_f32),
         _ => {}
     }
 }

@@ -36,9 +36,24 @@ pub fn run<'py>(
         PipelineError::new_err(format!("cannot {what} {}: {e}", dir.display()))
     };
     std::fs::create_dir_all(&dir).map_err(|e| io("create the run directory", e))?;
-    // As the CLI: the resolved pipeline (overrides applied; JSON is YAML) for a rerun.
-    let resolved = serde_json::to_string_pretty(&plan.spec.doc.value.to_json()).unwrap_or_default();
-    std::fs::write(dir.join("pipeline.yaml"), resolved).map_err(|e| io("write into", e))?;
+    // As the CLI: the resolved pipeline (overrides applied, defaults written out, paths
+    // absolute), which `simclr run` or `run()` runs again as is.
+    let mut registry = crate::registry();
+    let search = std::env::var_os(simclr_core::plugin::SEARCH_PATH_VAR);
+    let _ = simclr_core::plugin::load_spec_plugins(&plan.spec, &mut registry, search.as_deref());
+    let header = format!(
+        "The pipeline this run ran, resolved: {} with its overrides applied, every stage's\n\
+         defaults written out and paths made absolute (simclr_pipeline {}, {} UTC).\n\
+         Rerun it from anywhere: simclr run {}",
+        plan.spec.file.display(),
+        env!("CARGO_PKG_VERSION"),
+        simclr_core::run_dir::timestamp(),
+        dir.join(simclr_core::run_dir::PIPELINE_FILE).display()
+    );
+    let resolved =
+        simclr_core::run_dir::to_yaml(&simclr_core::run_dir::resolved_pipeline(&plan, &registry), &header);
+    std::fs::write(dir.join(simclr_core::run_dir::PIPELINE_FILE), resolved)
+        .map_err(|e| io("write into", e))?;
 
     let threads = threads.unwrap_or_else(simclr_core::runtime::default_threads).max(1);
     simclr_train::cpu::set_threads(threads);

@@ -69,6 +69,14 @@ pub trait VariantRunner {
         variant: &Variant,
         dir: &Path,
     ) -> Result<Result<(), VariantFailure>, Self::Error>;
+
+    /// The document a run of the `index`-th variant saves as its `pipeline.yaml` (as read
+    /// back), to tell whether a finished variant ran the pipeline it has now. By default the
+    /// variant's document as written; a runner that saves a resolved form (defaults written
+    /// out) returns that.
+    fn saved_form(&self, _index: usize, variant: &Variant) -> serde_json::Value {
+        variant.doc.value.to_json()
+    }
 }
 
 /// What the sweep is doing, for the caller to print.
@@ -131,11 +139,12 @@ pub fn run<'s, R: VariantRunner>(
     let stale: Vec<String> = sweep
         .variants
         .iter()
-        .filter(|v| {
+        .enumerate()
+        .filter(|(i, v)| {
             let vdir = dir.join(&v.name);
-            finished(&vdir) && !same_pipeline(&vdir.join("pipeline.yaml"), &v.doc)
+            finished(&vdir) && !same_pipeline(&vdir.join("pipeline.yaml"), &runner.saved_form(*i, v), &v.doc)
         })
-        .map(|v| v.name.clone())
+        .map(|(_, v)| v.name.clone())
         .collect();
     if !stale.is_empty() {
         return Err(SweepError::Stale { dir: dir.to_path_buf(), variants: stale }.into());
@@ -213,10 +222,15 @@ fn copy_outcome(from: &Path, to: &Path) -> Result<Result<(), VariantFailure>, Sw
 
 /// Whether the resolved pipeline a run wrote (JSON) is `doc`. A missing or unreadable file
 /// counts as the same: there is nothing to compare against.
-fn same_pipeline(path: &Path, doc: &Spanned<Node>) -> bool {
+fn same_pipeline(path: &Path, saved_form: &serde_json::Value, doc: &Spanned<Node>) -> bool {
     let Ok(text) = std::fs::read_to_string(path) else { return true };
-    match serde_json::from_str::<serde_json::Value>(&text) {
-        Ok(v) => v == doc.value.to_json(),
+    // YAML (a JSON file from an earlier version reads as YAML too); the document as written
+    // also matches, for runs from before the resolved form.
+    match crate::yaml::parse(&text) {
+        Ok(v) => {
+            let v = v.value.to_json();
+            v == *saved_form || v == doc.value.to_json()
+        }
         Err(_) => true,
     }
 }
