@@ -121,8 +121,11 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
-    /// List stage kinds: the built-in ones, and those of `--plugin` libraries (marked).
+    /// List stage kinds (the built-in ones, and those of `--plugin` libraries, marked), or
+    /// describe one: `simclr kinds random_resized_crop`.
     Kinds {
+        /// Describe this kind: its fields, their types, defaults and docs.
+        kind: Option<String>,
         /// A plugin library whose kinds to list too (a path, or a bare name looked up in
         /// SIMCLR_PLUGIN_PATH); repeatable.
         #[arg(long = "plugin", value_name = "LIB")]
@@ -262,15 +265,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             println!("wrote {} ({} rows: source, then its views)", out.display(), rows.len());
             Ok(())
         }
-        Command::Kinds { plugins } => {
-            let mut registry = registry();
-            let from = plugins_cmd::register_libraries(&plugins, &mut registry).map_err(Failure::Invalid)?;
-            for f in registry.kinds() {
-                let origin = from.get(f.kind()).map(|lib| format!("  [plugin: {lib}]")).unwrap_or_default();
-                println!("{:<22} {:?}  {}{origin}", f.kind(), f.role(), f.about());
-            }
-            Ok(())
-        }
+        Command::Kinds { kind, plugins } => crate::kinds_cmd::run(kind.as_deref(), &plugins),
         Command::Schema { plugins } => {
             let mut registry = registry();
             plugins_cmd::register_libraries(&plugins, &mut registry).map_err(Failure::Invalid)?;

@@ -5,6 +5,7 @@
 mod bench_cmd;
 mod cli;
 mod failure;
+mod kinds_cmd;
 mod load;
 mod options;
 mod plot;

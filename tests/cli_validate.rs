@@ -109,3 +109,23 @@ fn no_arguments_points_to_the_demo() {
     let out = simclr().output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("simclr demo"));
 }
+
+/// `simclr kinds KIND` describes one kind from its schema; a misspelt kind gets a suggestion.
+#[test]
+fn kinds_describes_one_kind() {
+    let out = Command::cargo_bin("simclr").unwrap().args(["kinds", "random_resized_crop"]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "random_resized_crop: ",
+        "  size: integer, required",
+        "  scale: array of number (2 items), default [0.08,1.0]",
+        "  interpolation: one of: bilinear, bicubic, area",
+        "every stage also takes: id, kind",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+    let out = Command::cargo_bin("simclr").unwrap().args(["kinds", "random_resize_crop"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did you mean `random_resized_crop`?"));
+}
