@@ -189,10 +189,13 @@ fn open_library(path: &Path) -> Result<libloading::Library, libloading::Error> {
     #[cfg(unix)]
     {
         use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+        // SAFETY: loading runs the library's initializers. Plugins are trusted native code by
+        // design (plugins/README.md); the user named this library in the pipeline file.
         unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }.map(Into::into)
     }
     #[cfg(not(unix))]
     {
+        // SAFETY: as above: a trusted library the pipeline file names.
         unsafe { libloading::Library::new(path) }
     }
 }
@@ -209,11 +212,14 @@ fn load_uncached(path: &Path) -> Result<LoadedPlugin, LoadError> {
     })?;
     // From here on the library stays loaded whatever happens: its code may have run.
     let lib: &'static libloading::Library = Box::leak(Box::new(lib));
+    // SAFETY: the symbol is looked up under this ABI's versioned name, whose type is
+    // `abi::EntryFn` by the ABI's definition; `lib` is leaked, so the pointer never dangles.
     let entry = match unsafe { lib.get::<abi::EntryFn>(abi::ENTRY_SYMBOL) } {
         Ok(sym) => *sym,
         Err(_) => {
             let other = (0..=16u32)
                 .filter(|&m| m != abi::ABI_MAJOR)
+                // SAFETY: only checks that the symbol exists; it is never called.
                 .find(|&m| unsafe { lib.get::<abi::EntryFn>(abi::entry_symbol(m).as_str()) }.is_ok());
             return Err(match other {
                 Some(m) => LoadError::new(
@@ -232,7 +238,12 @@ fn load_uncached(path: &Path) -> Result<LoadedPlugin, LoadError> {
             });
         }
     };
+    // SAFETY: the entry point takes no arguments and returns a pointer to a static table (the
+    // ABI's contract); calling it runs plugin code, trusted by design.
     let table = unsafe { entry() };
+    // SAFETY: the pointer is NULL (handled) or points to the plugin's static table, which lives
+    // as long as the library (never unloaded); its size is checked right below before any
+    // field past ABI 1.0 is read.
     let Some(t) = (unsafe { table.as_ref() }) else {
         return Err(LoadError::new(
             format!("`{}` returned NULL", abi::ENTRY_SYMBOL),
@@ -265,6 +276,8 @@ fn load_uncached(path: &Path) -> Result<LoadedPlugin, LoadError> {
         if p.is_null() {
             return Err(LoadError::new(format!("its {what} is NULL"), "fill every field of the table"));
         }
+        // SAFETY: non-NULL (checked above) and, by the ABI, a NUL-terminated string in the
+        // plugin's static data, alive as long as the library.
         unsafe { CStr::from_ptr(p) }
             .to_str()
             .map(str::to_string)
@@ -287,6 +300,8 @@ fn load_uncached(path: &Path) -> Result<LoadedPlugin, LoadError> {
             "declare 1 to 256 kinds in `kinds` / `kind_count`",
         ));
     }
+    // SAFETY: `kinds` is non-NULL and `kind_count` in 1..=256 (checked above); by the ABI it
+    // points to that many kind descriptors in the plugin's static data.
     let raw = unsafe { std::slice::from_raw_parts(t.kinds, t.kind_count as usize) };
     let mut kinds: Vec<PluginKind> = Vec::new();
     for (i, k) in raw.iter().enumerate() {

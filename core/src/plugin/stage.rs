@@ -113,6 +113,9 @@ impl PluginConfig {
             std::ffi::CString::new(json.clone()).map_err(|_| "the config contains a NUL".to_string())?;
         let mut err = ErrorMessage::new();
         let mut ptr: *mut c_void = std::ptr::null_mut();
+        // SAFETY: `create` is the plugin's (checked non-NULL at load); every pointer passed
+        // lives across the call: the NUL-terminated config and its length, the out-pointer
+        // and the error buffer with its capacity.
         let rc = unsafe {
             (self.plugin.create)(self.kind as u32, cjson.as_ptr(), json.len(), &mut ptr, &mut err.buf())
         };
@@ -190,13 +193,16 @@ pub(super) struct Instance {
     destroy: DestroyFn,
 }
 
-// The ABI requires instances to be usable from several threads at once (read-only after
-// `create`); the host never touches what the pointer points to.
+// SAFETY: the ABI requires instances to be usable from several threads at once (read-only
+// after `create`); the host never touches what the pointer points to.
 unsafe impl Send for Instance {}
+// SAFETY: as for Send: concurrent `process` calls on one instance are allowed by the ABI.
 unsafe impl Sync for Instance {}
 
 impl Drop for Instance {
     fn drop(&mut self) {
+        // SAFETY: `ptr` came from this plugin's `create` and is destroyed exactly once, here,
+        // when no stage can call `process` on it any more.
         unsafe { (self.destroy)(self.ptr) };
     }
 }
@@ -283,6 +289,9 @@ impl PluginStage {
         };
         if self.in_place {
             let mut out = view(img.data.as_mut_ptr(), len, w, h);
+            // SAFETY: in place: `out` describes the view's own buffer (`len` bytes, w x h x 3,
+            // alive and exclusively borrowed across the call); no input view (NULL) as the ABI
+            // specifies for in-place kinds; the error buffer lives across the call.
             let rc = unsafe {
                 (self.plugin.process)(self.instance.ptr, seed, std::ptr::null(), &mut out, &mut err.buf())
             };
@@ -299,6 +308,8 @@ impl PluginStage {
         }
         let output_size = self.plugin.output_size.ok_or("output_size is NULL")?;
         let (mut ow, mut oh) = (0u32, 0u32);
+        // SAFETY: the instance is this plugin's; the out-parameters and error buffer live across
+        // the call. What it declares is bounds-checked below before any allocation.
         let rc = unsafe { output_size(self.instance.ptr, w, h, &mut ow, &mut oh, &mut err.buf()) };
         if rc != abi::OK {
             return Err(format!("output_size {}", err.describe(rc)));
@@ -317,6 +328,9 @@ impl PluginStage {
         let mut data = canary(out_len);
         let input = view(img.data.as_ptr() as *mut u8, len, w, h);
         let mut out = view(data.as_mut_ptr(), out_len, ow, oh);
+        // SAFETY: `input` describes the view's buffer (read only by the ABI's contract for
+        // out-of-place kinds), `out` a fresh buffer of exactly the declared size; both outlive
+        // the call, and the output is checked (`filled`, canary) afterwards.
         let rc = unsafe { (self.plugin.process)(self.instance.ptr, seed, &input, &mut out, &mut err.buf()) };
         if rc != abi::OK {
             return Err(format!("process {}", err.describe(rc)));

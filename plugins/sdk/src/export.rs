@@ -61,9 +61,10 @@ struct Exported {
     _strings: Vec<CString>,
 }
 
-// The raw pointers point into `_kinds` and `_strings`, which live (unchanged) as long as the
-// static does.
+// SAFETY: the raw pointers point into `_kinds` and `_strings`, which live (unchanged) as long
+// as the static does.
 unsafe impl Send for Exported {}
+// SAFETY: as for Send: nothing is ever written through those pointers.
 unsafe impl Sync for Exported {}
 
 static EXPORTED: OnceLock<Exported> = OnceLock::new();
@@ -126,6 +127,7 @@ pub fn entry(name: &str, version: &str, kinds: fn() -> Vec<KindDef>) -> *const a
 /// # Safety
 /// `err` is null or points to a valid `simclr_error` whose buffer holds `capacity` bytes.
 unsafe fn write_error(err: *mut ErrorBuf, msg: &str) {
+    // SAFETY: the caller's contract: null or a valid `simclr_error`.
     let Some(err) = (unsafe { err.as_ref() }) else { return };
     if err.message.is_null() || err.capacity == 0 {
         return;
@@ -134,6 +136,8 @@ unsafe fn write_error(err: *mut ErrorBuf, msg: &str) {
     while !msg.is_char_boundary(n) {
         n -= 1;
     }
+    // SAFETY: the buffer holds `capacity` bytes (caller's contract) and `n + 1 <= capacity`;
+    // `msg` has at least `n` bytes and is not the host's buffer.
     unsafe {
         std::ptr::copy_nonoverlapping(msg.as_ptr(), err.message as *mut u8, n);
         *err.message.add(n) = 0;
@@ -161,12 +165,14 @@ fn guard(err: *mut ErrorBuf, f: impl FnOnce() -> Result<(), (i32, String)>) -> i
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => abi::OK,
         Ok(Err((code, msg))) => {
+            // SAFETY: `err` is the host's error argument: null or valid, by the ABI.
             unsafe { write_error(err, &msg) };
             code
         }
         Err(payload) => {
             let msg = format!("the plugin panicked: {}", panic_message(&*payload));
             drop_quietly(payload);
+            // SAFETY: as above.
             unsafe { write_error(err, &msg) };
             abi::ERR_PANIC
         }
@@ -191,10 +197,12 @@ unsafe extern "C" fn create(
         if config_json.is_null() || instance.is_null() {
             return Err(failed("create called with a null pointer"));
         }
+        // SAFETY: non-null (checked); by the ABI, `config_len` readable bytes of JSON.
         let bytes = unsafe { std::slice::from_raw_parts(config_json as *const u8, config_len) };
         let config: serde_json::Value = serde_json::from_slice(bytes)
             .map_err(|e| (abi::ERR_CONFIG, format!("the config is not valid JSON: {e}")))?;
         let made = (def.create)(&config).map_err(|m| (abi::ERR_CONFIG, m))?;
+        // SAFETY: non-null (checked); by the ABI, a writable out-pointer.
         unsafe { *instance = Box::into_raw(Box::new(made)) as *mut c_void };
         Ok(())
     })
@@ -203,6 +211,7 @@ unsafe extern "C" fn create(
 /// # Safety
 /// `instance` was made by `create` and not destroyed.
 unsafe fn instance<'a>(instance: *mut c_void) -> Result<&'a Instance, (i32, String)> {
+    // SAFETY: the caller's contract: null or made by `create` (a boxed `Instance`) and alive.
     unsafe { (instance as *const Instance).as_ref() }.ok_or_else(|| failed("null instance"))
 }
 
@@ -215,11 +224,13 @@ unsafe extern "C" fn output_size(
     err: *mut ErrorBuf,
 ) -> i32 {
     guard(err, || {
+        // SAFETY: the host passes an instance from `create`, not yet destroyed (the ABI).
         let inst = unsafe { instance(inst)? };
         if out_width.is_null() || out_height.is_null() {
             return Err(failed("output_size called with a null pointer"));
         }
         let (w, h) = inst.output_size(in_width, in_height).map_err(|m| (abi::ERR_INPUT, m))?;
+        // SAFETY: both non-null (checked); by the ABI, writable out-pointers.
         unsafe {
             *out_width = w;
             *out_height = h;
@@ -247,12 +258,17 @@ unsafe extern "C" fn process(
     err: *mut ErrorBuf,
 ) -> i32 {
     guard(err, || {
+        // SAFETY: the host passes an instance from `create`, not yet destroyed (the ABI).
         let inst = unsafe { instance(inst)? };
+        // SAFETY: null or, by the ABI, a valid view descriptor owned by the host for the call.
         let out = unsafe { output.as_mut() }.ok_or_else(|| failed("null output view"))?;
         check_view(out, "output")?;
+        // SAFETY: as for `output`.
         let input = match unsafe { input.as_ref() } {
             Some(i) => {
                 check_view(i, "input")?;
+                // SAFETY: `check_view` checked non-null data and a length matching the size;
+                // by the ABI the host's input buffer is readable for the call.
                 let data = unsafe { std::slice::from_raw_parts(i.data as *const u8, i.len) };
                 Some(ViewRef { width: i.width, height: i.height, data })
             }
@@ -263,6 +279,8 @@ unsafe extern "C" fn process(
                 "the host passed an input view to an in-place kind, or none to an out-of-place one",
             ));
         }
+        // SAFETY: checked like the input; by the ABI the output buffer is writable, ours alone
+        // for the call, and distinct from the input's.
         let data = unsafe { std::slice::from_raw_parts_mut(out.data, out.len) };
         let mut view = ViewMut { input, width: out.width, height: out.height, data };
         inst.process(&mut view, seed).map_err(failed)?;
@@ -275,6 +293,7 @@ unsafe extern "C" fn destroy(inst: *mut c_void) {
     if inst.is_null() {
         return;
     }
+    // SAFETY: non-null; by the ABI made by `create` (`Box::into_raw`) and destroyed once.
     let boxed = unsafe { Box::from_raw(inst as *mut Instance) };
     if let Err(payload) = catch_unwind(AssertUnwindSafe(move || drop(boxed))) {
         drop_quietly(payload);

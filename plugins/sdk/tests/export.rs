@@ -58,6 +58,7 @@ impl ViewPlugin for Widen {
 export_plugin!(name: "test-plugin", version: "1.2.3", kinds: [AddInPlace, Widen]);
 
 fn s(p: *const c_char) -> String {
+    // SAFETY: a name from the plugin's static table: non-NULL, NUL-terminated.
     unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
 }
 
@@ -75,10 +76,12 @@ fn view(data: &mut [u8], w: u32, h: u32) -> View {
 
 #[test]
 fn table_describes_the_plugin_and_calls_are_contained() {
+    // SAFETY: the entry point returns a pointer to the plugin's static table.
     let t = unsafe { &*simclr_stage_plugin_v1() };
     assert_eq!(t.struct_size as usize, std::mem::size_of::<abi::Plugin>());
     assert_eq!(t.abi_minor, abi::ABI_MINOR);
     assert_eq!((s(t.name), s(t.version)), ("test-plugin".into(), "1.2.3".into()));
+    // SAFETY: `kind_count` descriptors at `kinds`, in the static table.
     let kinds = unsafe { std::slice::from_raw_parts(t.kinds, t.kind_count as usize) };
     assert_eq!(kinds.len(), 2);
     assert_eq!((s(kinds[0].name), kinds[0].flags), ("add_in_place".into(), abi::KIND_IN_PLACE));
@@ -89,17 +92,20 @@ fn table_describes_the_plugin_and_calls_are_contained() {
     let mut err = ErrorBuf { message: msg.as_mut_ptr() as *mut c_char, capacity: msg.len() };
     let mut inst: *mut c_void = std::ptr::null_mut();
     let cfg = r#"{"add":2}"#;
+    // SAFETY: a table function called as the ABI says: an instance from `create` (or none), and pointers to live locals of the stated sizes.
     let rc = unsafe { create(0, cfg.as_ptr() as *const c_char, cfg.len(), &mut inst, &mut err) };
     assert_eq!(rc, abi::OK);
 
     let mut px = vec![1u8, 2, 3, 4, 5, 6];
     let mut v = view(&mut px, 2, 1);
+    // SAFETY: a table function called as the ABI says: an instance from `create` (or none), and pointers to live locals of the stated sizes.
     assert_eq!(unsafe { process(inst, 1, std::ptr::null(), &mut v, &mut err) }, abi::OK);
     assert_eq!(v.filled, 6);
     assert_eq!(px, [3, 4, 5, 6, 7, 8]);
 
     // A panic is caught at the boundary and reported.
     let mut v = view(&mut px, 2, 1);
+    // SAFETY: a table function called as the ABI says: an instance from `create` (or none), and pointers to live locals of the stated sizes.
     assert_eq!(unsafe { process(inst, 13, std::ptr::null(), &mut v, &mut err) }, abi::ERR_PANIC);
     let m = CStr::from_bytes_until_nul(&msg).unwrap().to_string_lossy().into_owned();
     assert!(m.contains("panicked") && m.contains("unlucky seed"), "{m}");
@@ -108,35 +114,44 @@ fn table_describes_the_plugin_and_calls_are_contained() {
     // An Err is an error code with its message, truncated to the buffer.
     let mut small = [0u8; 8];
     let mut err_small = ErrorBuf { message: small.as_mut_ptr() as *mut c_char, capacity: small.len() };
+    // SAFETY: a table function called as the ABI says: an instance from `create` (or none), and pointers to live locals of the stated sizes.
     assert_eq!(unsafe { process(inst, 14, std::ptr::null(), &mut v, &mut err_small) }, abi::ERR_FAILED);
     assert_eq!(CStr::from_bytes_until_nul(&small).unwrap().to_str().unwrap(), "seed 14");
 
     // Bad configs are config errors.
     let mut bad: *mut c_void = std::ptr::null_mut();
     let cfg = r#"{}"#;
+    // SAFETY: a table function called as the ABI says: an instance from `create` (or none), and pointers to live locals of the stated sizes.
     let rc = unsafe { create(0, cfg.as_ptr() as *const c_char, cfg.len(), &mut bad, &mut err) };
     assert_eq!(rc, abi::ERR_CONFIG);
+    // SAFETY: a table function called as the ABI says: an instance from `create` (or none), and pointers to live locals of the stated sizes.
     let rc = unsafe { create(7, cfg.as_ptr() as *const c_char, cfg.len(), &mut bad, &mut err) };
     assert_eq!(rc, abi::ERR_CONFIG);
     assert!(bad.is_null());
+    // SAFETY: an instance from `create`, destroyed once.
     unsafe { destroy(inst) };
 
     // Out of place: the declared size, then the host buffer.
     let mut wide: *mut c_void = std::ptr::null_mut();
+    // SAFETY: a table function called as the ABI says: an instance from `create` (or none), and pointers to live locals of the stated sizes.
     let rc = unsafe { create(1, "{}".as_ptr() as *const c_char, 2, &mut wide, &mut err) };
     assert_eq!(rc, abi::OK);
     let (mut ow, mut oh) = (0, 0);
+    // SAFETY: a table function called as the ABI says: an instance from `create` (or none), and pointers to live locals of the stated sizes.
     assert_eq!(unsafe { (t.output_size.unwrap())(wide, 2, 1, &mut ow, &mut oh, &mut err) }, abi::OK);
     assert_eq!((ow, oh), (4, 1));
     let mut src = vec![1u8, 2, 3, 4, 5, 6];
     let mut out = vec![0u8; 12];
     let input = view(&mut src, 2, 1);
     let mut o = view(&mut out, 4, 1);
+    // SAFETY: a table function called as the ABI says: an instance from `create` (or none), and pointers to live locals of the stated sizes.
     assert_eq!(unsafe { process(wide, 0, &input, &mut o, &mut err) }, abi::OK);
     assert_eq!(o.filled, 12);
     assert_eq!(out, [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6]);
     // An in-place call to an out-of-place kind is refused, not crashed on.
     let mut o = view(&mut out, 4, 1);
+    // SAFETY: a table function called as the ABI says: an instance from `create` (or none), and pointers to live locals of the stated sizes.
     assert_eq!(unsafe { process(wide, 0, std::ptr::null(), &mut o, &mut err) }, abi::ERR_FAILED);
+    // SAFETY: an instance from `create`, destroyed once.
     unsafe { destroy(wide) };
 }
