@@ -225,7 +225,7 @@ pub fn write_markdown(
         "Files: `pipeline.yaml` (the resolved pipeline: `simclr run` it to reproduce this run), `metrics.jsonl` (one line per step and epoch), \
                 `tb/` (the same as TensorBoard events: `tensorboard --logdir` this folder), `results.json` (every final metric).\n",
     );
-    std::fs::write(dir.join("report.md"), s)
+    std::fs::write(dir.join(simclr_core::run_dir::REPORT_FILE), s)
 }
 
 /// Series of `key` against the step, from `metrics.jsonl` lines of type `kind`.
@@ -241,7 +241,7 @@ fn series(lines: &[Value], kind: &str, key: &str) -> Vec<(f64, f64)> {
 /// of the plan's first chain; returns the files written. A plot that cannot be drawn is logged
 /// and left out: the run itself succeeded.
 pub fn plots(dir: &Path, plan: &simclr_core::Plan) -> Vec<String> {
-    let lines: Vec<Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+    let lines: Vec<Value> = std::fs::read_to_string(dir.join(simclr_core::run_dir::METRICS_FILE))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -287,8 +287,11 @@ pub fn plots(dir: &Path, plan: &simclr_core::Plan) -> Vec<String> {
     match simclr_stages::report::preview::collect(plan, 8) {
         Ok(rows) if !rows.is_empty() => {
             let img = simclr_stages::report::preview::grid(&rows, 96);
-            match simclr_stages::report::preview::write_png(&img, &dir.join("views.png")) {
-                Ok(()) => out.push("views.png".into()),
+            match simclr_stages::report::preview::write_png(
+                &img,
+                &dir.join(simclr_core::run_dir::PREVIEW_FILE),
+            ) {
+                Ok(()) => out.push(simclr_core::run_dir::PREVIEW_FILE.into()),
                 Err(e) => tracing::warn!("{e}"),
             }
         }

@@ -113,7 +113,7 @@ pub fn resolved(plan: &Plan) -> serde_json::Value {
 /// Before `--resume DIR`: DIR is a run directory with a checkpoint, and FILE (with its --set
 /// options) is the pipeline it was started with.
 pub fn check_resume(plan: &Plan, file: &Path, dir: &Path) -> Result<(), Failure> {
-    let saved_path = dir.join("pipeline.yaml");
+    let saved_path = dir.join(simclr_core::run_dir::PIPELINE_FILE);
     let text = std::fs::read_to_string(&saved_path).map_err(|e| {
         Failure::Invalid(format!(
             "--resume {}: cannot read {} ({e}): give the directory of an earlier `simclr run`",

@@ -47,7 +47,7 @@ pub fn measure(plan: &Plan, opts: &RunOptions, steps: u64) -> Result<Option<serd
     simclr_core::driver::data_sources(plan, &o)?;
     let stages = build_chain(plan, &chain, Mode::Full, Some(&dir), &o.artifacts)?;
     let result = run_chain(stages, &o);
-    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
+    let metrics = std::fs::read_to_string(dir.join(simclr_core::run_dir::METRICS_FILE)).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&dir);
     result?;
     let rows: Vec<serde_json::Value> = metrics

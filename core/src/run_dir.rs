@@ -1,4 +1,39 @@
-//! The run directory: where a run writes its files.
+//! The run directory: where a run writes its files, their names, and how they are written
+//! (whole or not at all).
+
+/// The resolved pipeline a run ran (see [`resolved_pipeline`]).
+pub const PIPELINE_FILE: &str = "pipeline.yaml";
+/// One JSON line per training step and epoch.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// Every final metric; written last, so its presence means the run finished.
+pub const RESULTS_FILE: &str = "results.json";
+/// Why a sweep variant failed (instead of `results.json`).
+pub const FAILURE_FILE: &str = "failure.json";
+/// The trained encoder (torchvision ResNet names).
+pub const ENCODER_FILE: &str = "encoder.safetensors";
+/// The training state `--resume` continues from.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+/// The run's report (tables and plots).
+pub const REPORT_FILE: &str = "report.md";
+/// Source images and their augmented views.
+pub const PREVIEW_FILE: &str = "views.png";
+/// TensorBoard event files.
+pub const TB_DIR: &str = "tb";
+
+/// Writes a file so that it exists either whole or not at all: a temporary file beside it
+/// (`NAME.tmp`), synced, then renamed over it.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut tmp_name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
 
 /// The default run directory of a pipeline named `name`: `runs/<name>/<timestamp>`.
 pub fn default_dir(name: &str) -> std::path::PathBuf {
@@ -21,9 +56,6 @@ pub fn timestamp() -> String {
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
-
-/// The resolved pipeline a run directory holds (see [`resolved_pipeline`]).
-pub const PIPELINE_FILE: &str = "pipeline.yaml";
 
 /// The pipeline a run ran, as a document that reproduces it from anywhere: overrides and the
 /// profile applied (the `sweep:`, `profiles:` and `profile:` keys dropped), every stage's

@@ -15,7 +15,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 /// The folder of a run directory that holds the event files.
-pub const DIR: &str = "tb";
+pub const DIR: &str = crate::run_dir::TB_DIR;
 
 /// Appends scalar events to one event file.
 pub struct EventWriter {

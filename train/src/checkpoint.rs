@@ -29,7 +29,7 @@ use crate::model::SimclrModel;
 use crate::optim::Optimizer;
 
 /// The checkpoint's file name in the run directory.
-pub const FILE: &str = "checkpoint.safetensors";
+pub const FILE: &str = simclr_core::run_dir::CHECKPOINT_FILE;
 /// The metadata key holding [`CheckpointMeta`] as JSON.
 const META_KEY: &str = "simclr_checkpoint";
 /// Bumped when the layout changes.

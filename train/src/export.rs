@@ -7,7 +7,6 @@
 //! little-endian data); it needs no dependency.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 use burn::module::{Module, ModuleVisitor, Param};
@@ -104,11 +103,7 @@ pub fn write_safetensors(
             Data::I64(v) => v.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
         }
     }
-    let tmp = path.with_extension("safetensors.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&buf)?;
-    f.sync_all()?;
-    std::fs::rename(tmp, path)
+    simclr_core::run_dir::write_atomic(path, &buf)
 }
 
 /// Reads a safetensors file written by [`write_safetensors`] (F32 and I64 only; for tests and tools).

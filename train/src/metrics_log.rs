@@ -24,7 +24,7 @@ pub(crate) fn append_metrics(
     line: &serde_json::Value,
 ) -> Result<(), StageError> {
     let Some(dir) = run_dir else { return Ok(()) };
-    let path = dir.join("metrics.jsonl");
+    let path = dir.join(simclr_core::run_dir::METRICS_FILE);
     let log = match log {
         Some(l) => l,
         None => {

@@ -292,7 +292,7 @@ impl Sink for TrainSink {
         self.epoch_completed(true)?;
         self.epoch = None;
         if let Some(dir) = &self.run_dir {
-            let path = dir.join("encoder.safetensors");
+            let path = dir.join(simclr_core::run_dir::ENCODER_FILE);
             let meta = checkpoint_metadata(&self.cfg, self.engine.steps(), self.ckpt.epochs_done);
             write_safetensors(&path, &self.engine.encoder_tensors(), &meta)
                 .map_err(|e| StageError::fatal(format!("cannot write {}: {e}", path.display())))?;

@@ -36,8 +36,7 @@ mod tests;
 pub use parse::{parse, valid_name};
 pub use report::{metric, report, Report, Row};
 pub use run::{
-    failure, finished, run, write_atomic, Event, RunOptions, SweepError, VariantFailure, VariantRunner,
-    FAILURE_FILE,
+    failure, finished, run, Event, RunOptions, SweepError, VariantFailure, VariantRunner, FAILURE_FILE,
 };
 
 const SWEEP_KEYS: &[&str] = &["metrics", "variants", "grid", "ops", "diagonal", "unordered"];
@@ -46,7 +45,7 @@ const SWEEP_KEYS: &[&str] = &["metrics", "variants", "grid", "ops", "diagonal", 
 pub const DEFAULT_METRICS: &[&str] = &["simclr.linear_top1", "simclr.knn_top1"];
 
 /// The file that marks a variant as finished (written last, atomically, by a run).
-pub const RESULTS_FILE: &str = "results.json";
+pub use crate::run_dir::{write_atomic, RESULTS_FILE};
 
 /// One change to the pipeline: `target` is `STAGE.FIELD[.SUB]`, `STAGE` or a top-level key.
 #[derive(Clone, Debug, PartialEq)]

@@ -48,7 +48,7 @@ impl VariantFailure {
 }
 
 /// The file in a variant directory that records why it has no results.
-pub const FAILURE_FILE: &str = "failure.json";
+pub use crate::run_dir::FAILURE_FILE;
 
 /// The failure a variant directory records, if any.
 pub fn failure(variant_dir: &Path) -> Option<VariantFailure> {
@@ -142,7 +142,12 @@ pub fn run<'s, R: VariantRunner>(
         .enumerate()
         .filter(|(i, v)| {
             let vdir = dir.join(&v.name);
-            finished(&vdir) && !same_pipeline(&vdir.join("pipeline.yaml"), &runner.saved_form(*i, v), &v.doc)
+            finished(&vdir)
+                && !same_pipeline(
+                    &vdir.join(crate::run_dir::PIPELINE_FILE),
+                    &runner.saved_form(*i, v),
+                    &v.doc,
+                )
         })
         .map(|(_, v)| v.name.clone())
         .collect();
@@ -184,7 +189,7 @@ pub fn run<'s, R: VariantRunner>(
         if let Err(failure) = outcome {
             let text = serde_json::to_string_pretty(&failure).unwrap_or_default();
             let path = vdir.join(FAILURE_FILE);
-            write_atomic(&path, text.as_bytes()).map_err(io("write", &path))?;
+            crate::run_dir::write_atomic(&path, text.as_bytes()).map_err(io("write", &path))?;
             on(Event::Failed { variant: v, failure: &failure });
             failures.push((v, failure));
             if opts.fail_fast {
@@ -207,11 +212,11 @@ fn copy_outcome(from: &Path, to: &Path) -> Result<Result<(), VariantFailure>, Sw
         }));
     }
     // results.json last: its presence marks the copy finished.
-    for name in ["pipeline.yaml", RESULTS_FILE] {
+    for name in [crate::run_dir::PIPELINE_FILE, RESULTS_FILE] {
         let (src, dst) = (from.join(name), to.join(name));
         if src.is_file() {
             let bytes = std::fs::read(&src).map_err(io("read", &src))?;
-            write_atomic(&dst, &bytes).map_err(io("write", &dst))?;
+            crate::run_dir::write_atomic(&dst, &bytes).map_err(io("write", &dst))?;
         }
     }
     let note = format!("same pipeline as {}: not run again, its results copied here\n", from.display());
@@ -233,19 +238,4 @@ fn same_pipeline(path: &Path, saved_form: &serde_json::Value, doc: &Spanned<Node
         }
         Err(_) => true,
     }
-}
-
-/// Writes a file so that it exists either whole or not at all: a temporary file beside it,
-/// synced, then renamed over it.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let mut tmp_name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
 }

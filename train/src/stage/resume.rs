@@ -7,7 +7,6 @@
 //! k), so it sees exactly the batches the uninterrupted run saw, and the losses agree bit for bit.
 //! The steps of the abandoned partial epoch are removed from `metrics.jsonl` on resume.
 
-use std::io::Write;
 use std::path::Path;
 
 use simclr_core::StageError;
@@ -140,7 +139,7 @@ impl TrainSink {
         self.ckpt.start_epoch = m.epochs_done;
         self.ckpt.on_disk = Some(m.epochs_done);
         let (epoch, step) = (m.epochs_done, m.step);
-        truncate_metrics(&dir.join("metrics.jsonl"), epoch, step)?;
+        truncate_metrics(&dir.join(simclr_core::run_dir::METRICS_FILE), epoch, step)?;
         self.write_line(serde_json::json!({"type": "resume", "epoch": epoch, "step": step}))
     }
 }
@@ -165,16 +164,10 @@ fn truncate_metrics(path: &Path, epoch: u32, step: u64) -> Result<(), StageError
     if kept.len() == text.lines().count() {
         return Ok(());
     }
-    let tmp = path.with_extension("jsonl.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        for l in &kept {
-            writeln!(f, "{l}")?;
-        }
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| StageError::fatal(format!("cannot rewrite {}: {e}", path.display())))
+    let mut text = kept.join("\n");
+    text.push('\n');
+    simclr_core::run_dir::write_atomic(path, text.as_bytes())
+        .map_err(|e| StageError::fatal(format!("cannot rewrite {}: {e}", path.display())))
 }
 
 #[cfg(test)]
