@@ -129,3 +129,28 @@ fn kinds_describes_one_kind() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("did you mean `random_resized_crop`?"));
 }
+
+/// A source's `shuffle`, `limit`, `shard`, `on_error` are checked by the core, the same way for
+/// every source kind (the `counter` once skipped the `limit: 0` check), with their positions
+/// and did-you-mean hints that know them.
+#[test]
+fn source_options_are_checked_for_every_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("src.yaml");
+    std::fs::write(
+        &file,
+        "name: s\nstages:\n  - { id: a, kind: counter, count: 4, limit: 0 }\n  - { id: b, kind: synthetic_shapes, shufle: true }\n  - { id: c, kind: counter, count: 4, shard: { index: 2, count: 2 } }\n  - { id: d, kind: counter, count: 4, on_error: ignore }\n",
+    )
+    .unwrap();
+    let out = simclr().arg("validate").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        ":3:39: stage 'a': `limit: 0` leaves no data",
+        ":4:38: stage 'b': unknown field `shufle` (did you mean `shuffle`?",
+        ":5:39: stage 'c': shard index 2 of 2 is out of range",
+        ":6:39: stage 'd': unknown variant `ignore`",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in\n{err}");
+    }
+}

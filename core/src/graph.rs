@@ -9,7 +9,7 @@ use std::path::Path;
 use crate::artifact::Artifacts;
 use crate::error::{Diagnostic, Diagnostics};
 use crate::spec::{PipelineSpec, StageSpec};
-use crate::stage::{Configured, Context, PortType, Registry, Role, StageRef};
+use crate::stage::{Configured, Context, PortType, Registry, Role, SourceOptions, StageRef};
 use crate::yaml::{Node, PathSeg, Pos, Spanned};
 
 /// A stage that passed validation.
@@ -30,6 +30,8 @@ pub struct PlannedStage {
     pub pos: Pos,
     /// The user-written fields, for graph labels.
     pub fields: Spanned<Node>,
+    /// A source's common options (default for other stages).
+    pub source: SourceOptions,
 }
 
 impl PlannedStage {
@@ -40,6 +42,7 @@ impl PlannedStage {
             stage_id: self.id.clone(),
             run_dir: run_dir.map(Path::to_path_buf),
             artifacts: artifacts.clone(),
+            source: self.source,
         }
     }
 }
@@ -128,10 +131,10 @@ fn locate(fields: &Spanned<Node>, path: &[PathSeg]) -> Pos {
 }
 
 /// Turns serde's message into what to write instead.
-fn config_fix(message: &str, kind: &str) -> (String, String) {
+fn config_fix(message: &str, kind: &str, extra: &[&str]) -> (String, String) {
     if let Some(rest) = message.strip_prefix("unknown field `") {
         let field = rest.split('`').next().unwrap_or_default();
-        let expected: Vec<&str> = rest
+        let mut expected: Vec<&str> = rest
             .split("expected ")
             .nth(1)
             .map(|e| {
@@ -141,6 +144,7 @@ fn config_fix(message: &str, kind: &str) -> (String, String) {
                     .collect()
             })
             .unwrap_or_default();
+        expected.extend_from_slice(extra);
         let fix = match crate::suggest(field, expected.iter().copied()) {
             Some(s) => format!("did you mean `{s}`? `{kind}` takes: {}", expected.join(", ")),
             None if expected.is_empty() => {
@@ -193,7 +197,7 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
     };
 
     // Kinds and configs.
-    let mut configured: Vec<Option<(Role, Box<dyn Configured>)>> = Vec::new();
+    let mut configured: Vec<Option<(Role, Box<dyn Configured>, SourceOptions)>> = Vec::new();
     for s in &spec.stages {
         let Some(factory) = registry.get(&s.kind.value) else {
             let fix = match registry.suggest(&s.kind.value) {
@@ -204,7 +208,36 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
             configured.push(None);
             continue;
         };
-        match factory.parse(s.config.value.to_json()) {
+        // A source's common options are the core's: split them off before the kind parses.
+        let mut fields = s.config.value.to_json();
+        let mut source = SourceOptions::default();
+        if factory.role() == Role::Source {
+            let mut opts = serde_json::Map::new();
+            if let Some(m) = fields.as_object_mut() {
+                for k in SourceOptions::KEYS {
+                    if let Some(v) = m.remove(k) {
+                        opts.insert(k.to_string(), v);
+                    }
+                }
+            }
+            match serde_path_to_error::deserialize::<_, SourceOptions>(serde_json::Value::Object(opts)) {
+                Ok(o) => {
+                    let mut problems = Vec::new();
+                    o.check(&mut problems);
+                    for p in problems {
+                        diags.push(diag(s, locate(&s.config, &p.field), p.message).fix(p.fix));
+                    }
+                    source = o;
+                }
+                Err(e) => {
+                    let path = crate::stage::serde_path(e.path());
+                    let (msg, fix) = config_fix(&e.inner().to_string(), &s.kind.value, &[]);
+                    diags.push(diag(s, locate(&s.config, &path), msg).fix(fix));
+                }
+            }
+        }
+        let extra: &[&str] = if factory.role() == Role::Source { &SourceOptions::KEYS } else { &[] };
+        match factory.parse(fields) {
             Ok(c) => {
                 let cx = Context {
                     base_dir: base_dir.clone(),
@@ -212,16 +245,17 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
                     stage_id: s.id.value.clone(),
                     run_dir: None,
                     artifacts: Artifacts::default(),
+                    source,
                 };
                 let mut problems = Vec::new();
                 c.check(&cx, &mut problems);
                 for p in problems {
                     diags.push(diag(s, locate(&s.config, &p.field), p.message).fix(p.fix));
                 }
-                configured.push(Some((factory.role(), c)));
+                configured.push(Some((factory.role(), c, source)));
             }
             Err(e) => {
-                let (msg, fix) = config_fix(&e.message, &s.kind.value);
+                let (msg, fix) = config_fix(&e.message, &s.kind.value, extra);
                 diags.push(diag(s, locate(&s.config, &e.path), msg).fix(fix));
                 configured.push(None);
             }
@@ -232,7 +266,7 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
     let mut inputs: Vec<Vec<usize>> = vec![Vec::new(); spec.stages.len()];
     let mut refs: Vec<Vec<(StageRef, usize)>> = vec![Vec::new(); spec.stages.len()];
     for (i, s) in spec.stages.iter().enumerate() {
-        let role = configured[i].as_ref().map(|(r, _)| *r);
+        let role = configured[i].as_ref().map(|(r, _, _)| *r);
         match &s.inputs {
             Some(list) => {
                 if matches!(role, Some(Role::Source | Role::Task)) && !list.is_empty() {
@@ -259,7 +293,7 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
             ),
             None => inputs[i].push(i - 1),
         }
-        if let Some((_, c)) = &configured[i] {
+        if let Some((_, c, _)) = &configured[i] {
             for r in c.refs() {
                 let field_pos = s.config.value.get(&r.field).map_or(s.pos, |n| n.pos);
                 match index.get(r.stage.as_str()) {
@@ -322,7 +356,7 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
     // Resolve `SameAsInput` in file order (inputs usually come first; unresolved ones stay None).
     for _ in 0..2 {
         for i in 0..n {
-            let Some((_, c)) = &configured[i] else { continue };
+            let Some((_, c, _)) = &configured[i] else { continue };
             let (_, out) = c.ports();
             out_ports[i] = match out {
                 PortType::SameAsInput => inputs[i].first().and_then(|&j| out_ports[j]),
@@ -332,7 +366,7 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
     }
     let mut consumers: HashMap<usize, Vec<usize>> = HashMap::new();
     for (i, s) in spec.stages.iter().enumerate() {
-        let Some((role, c)) = &configured[i] else { continue };
+        let Some((role, c, _)) = &configured[i] else { continue };
         let (inp, _) = c.ports();
         if *role != Role::Source && inputs[i].len() > 1 {
             diags.push(
@@ -412,7 +446,7 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
         .zip(configured)
         .enumerate()
         .filter_map(|(i, (s, c))| {
-            let (role, config) = c?;
+            let (role, config, source) = c?;
             let (input_port, _) = config.ports();
             Some(PlannedStage {
                 id: s.id.value.clone(),
@@ -428,6 +462,7 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
                 capacity: s.capacity,
                 pos: s.pos,
                 fields: s.config.clone(),
+                source,
             })
         })
         .collect();

@@ -64,8 +64,25 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
     let mut generator = schemars::generate::SchemaSettings::draft2020_12().into_generator();
     let mut kinds: Vec<_> = registry.kinds().collect();
     kinds.sort_by(|a, b| a.kind().cmp(b.kind()));
-    let stages: Vec<Value> =
-        kinds.iter().map(|f| stage_schema(f.kind(), f.about(), f.schema(&mut generator))).collect();
+    let source_options =
+        <crate::stage::SourceOptions as schemars::JsonSchema>::json_schema(&mut generator).to_value();
+    let stages: Vec<Value> = kinds
+        .iter()
+        .map(|f| {
+            let mut config = f.schema(&mut generator);
+            // A source's `shuffle`, `limit`, `shard`, `on_error` are the core's (SourceOptions).
+            if f.role() == crate::stage::Role::Source {
+                if let (Some(Value::Object(props)), Some(Value::Object(opts))) =
+                    (config.get_mut("properties"), source_options.get("properties"))
+                {
+                    for (k, v) in opts {
+                        props.entry(k.clone()).or_insert_with(|| v.clone());
+                    }
+                }
+            }
+            stage_schema(f.kind(), f.about(), config)
+        })
+        .collect();
     let mut kind_names: Vec<Value> = kinds.iter().map(|f| json!(f.kind())).collect();
     if kinds.iter().any(|f| f.kind() == "null") {
         kind_names.push(Value::Null);

@@ -97,13 +97,50 @@ pub struct Shard {
     pub count: u64,
 }
 
-/// The options every source shares; the runtime applies them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// The options every source takes, owned by the core: validation splits these keys off a
+/// source stage's fields before its kind parses the rest, and the runtime applies them (order,
+/// limit, shard, what a bad sample does). A source gets them in [`Context::source`].
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
+#[serde(default, deny_unknown_fields)]
 pub struct SourceOptions {
+    /// Reshuffle the items every epoch (from the pipeline seed); default false (file order).
     pub shuffle: bool,
+    /// Use only the first this many items (before sharding and shuffling); default all.
+    #[schemars(range(min = 1))]
     pub limit: Option<u64>,
+    /// Read only part of the data: every `count`-th item from `index` on (one process of
+    /// `count`); default all.
     pub shard: Option<Shard>,
+    /// `fail` (default): a bad item stops the run, naming it; `skip`: it is dropped, counted
+    /// and named in the log.
     pub on_error: OnError,
+}
+
+impl SourceOptions {
+    /// The keys a source stage takes for these options.
+    pub const KEYS: [&'static str; 4] = ["shuffle", "limit", "shard", "on_error"];
+
+    /// Range checks (the types are serde's).
+    pub fn check(&self, out: &mut Vec<Problem>) {
+        if let Some(s) = self.shard {
+            if s.count == 0 || s.index >= s.count {
+                out.push(Problem::new(
+                    "shard",
+                    format!("shard index {} of {} is out of range", s.index, s.count),
+                    "use `shard: {index: I, count: N}` with 0 <= I < N",
+                ));
+            }
+        }
+        if self.limit == Some(0) {
+            out.push(Problem::new(
+                "limit",
+                "`limit: 0` leaves no data",
+                "remove `limit` or make it positive",
+            ));
+        }
+    }
 }
 
 /// Where a sample is, for its random streams.
@@ -273,6 +310,8 @@ pub struct Context {
     pub run_dir: Option<PathBuf>,
     /// What earlier stages of the run produced (empty while validating).
     pub artifacts: crate::artifact::Artifacts,
+    /// A source stage's common options (`shuffle`, `limit`, `shard`, `on_error`).
+    pub source: SourceOptions,
 }
 
 impl Context {
@@ -368,20 +407,20 @@ impl<C: StageConfig> Factory for Typed<C> {
     fn parse(&self, config: serde_json::Value) -> Result<Box<dyn Configured>, ConfigError> {
         match serde_path_to_error::deserialize::<_, C>(config) {
             Ok(c) => Ok(Box::new(c)),
-            Err(e) => {
-                let path = e
-                    .path()
-                    .iter()
-                    .filter_map(|seg| match seg {
-                        serde_path_to_error::Segment::Map { key } => Some(PathSeg::Key(key.clone())),
-                        serde_path_to_error::Segment::Seq { index } => Some(PathSeg::Index(*index)),
-                        _ => None,
-                    })
-                    .collect();
-                Err(ConfigError { path, message: e.into_inner().to_string() })
-            }
+            Err(e) => Err(ConfigError { path: serde_path(e.path()), message: e.into_inner().to_string() }),
         }
     }
+}
+
+/// Where in a config serde failed, as a path into the YAML tree.
+pub(crate) fn serde_path(path: &serde_path_to_error::Path) -> Vec<PathSeg> {
+    path.iter()
+        .filter_map(|seg| match seg {
+            serde_path_to_error::Segment::Map { key } => Some(PathSeg::Key(key.clone())),
+            serde_path_to_error::Segment::Seq { index } => Some(PathSeg::Index(*index)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Every stage kind known to a run, by name.

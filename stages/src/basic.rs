@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use simclr_core::{
-    Context, MapStage, OnError, PortType, Problem, Role, Sample, SampleCtx, Shard, Sink, Source,
-    SourceOptions, Stage, StageConfig, StageError,
+    Context, MapStage, PortType, Problem, Role, Sample, SampleCtx, Sink, Source, SourceOptions, Stage,
+    StageConfig, StageError,
 };
 
 /// `counter`: samples numbered 0..count with no payload (tests, overhead benchmarks).
@@ -15,14 +15,6 @@ use simclr_core::{
 pub struct Counter {
     /// Samples per epoch.
     pub count: u64,
-    #[serde(default)]
-    pub shuffle: bool,
-    #[serde(default)]
-    pub limit: Option<u64>,
-    #[serde(default)]
-    pub shard: Option<Shard>,
-    #[serde(default)]
-    pub on_error: OnError,
 }
 
 impl StageConfig for Counter {
@@ -32,33 +24,22 @@ impl StageConfig for Counter {
     fn ports(&self) -> (PortType, PortType) {
         (PortType::Nothing, PortType::Nothing)
     }
-    fn check(&self, _cx: &Context, out: &mut Vec<Problem>) {
-        check_shard(self.shard, out);
-    }
-    fn build(&self, _cx: &Context) -> Result<Stage, StageError> {
-        Ok(Stage::Source(Arc::new(self.clone())))
+    fn build(&self, cx: &Context) -> Result<Stage, StageError> {
+        Ok(Stage::Source(Arc::new(CounterSource { count: self.count, opts: cx.source })))
     }
 }
 
-/// Shared check of a source's `shard`.
-pub fn check_shard(shard: Option<Shard>, out: &mut Vec<Problem>) {
-    if let Some(s) = shard {
-        if s.count == 0 || s.index >= s.count {
-            out.push(Problem::new(
-                "shard",
-                format!("shard index {} of {} is out of range", s.index, s.count),
-                "use `shard: {index: I, count: N}` with 0 <= I < N",
-            ));
-        }
-    }
+struct CounterSource {
+    count: u64,
+    opts: SourceOptions,
 }
 
-impl Source for Counter {
+impl Source for CounterSource {
     fn len(&self) -> u64 {
         self.count
     }
     fn options(&self) -> SourceOptions {
-        SourceOptions { shuffle: self.shuffle, limit: self.limit, shard: self.shard, on_error: self.on_error }
+        self.opts
     }
     fn read(&self, index: u64, _ctx: &SampleCtx) -> Result<Sample, StageError> {
         Ok(Sample { index, ..Sample::default() })

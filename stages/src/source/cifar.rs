@@ -13,11 +13,11 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use simclr_core::{
-    Context, Image, OnError, Payload, PortType, Problem, Role, Sample, SampleCtx, Shard, Source,
-    SourceOptions, Stage, StageConfig, StageError,
+    Context, Image, Payload, PortType, Problem, Role, Sample, SampleCtx, Source, SourceOptions, Stage,
+    StageConfig, StageError,
 };
 
-use super::{check_common, check_exists};
+use super::check_exists;
 
 const PIXELS: usize = 32 * 32;
 
@@ -47,17 +47,6 @@ macro_rules! cifar_config {
             /// `train` (default) or `test`.
             #[serde(default)]
             pub split: Split,
-            /// Reshuffle every epoch (from the pipeline seed).
-            #[serde(default)]
-            pub shuffle: bool,
-            /// Use only the first `limit` records.
-            #[serde(default)]
-            pub limit: Option<u64>,
-            #[serde(default)]
-            pub shard: Option<Shard>,
-            /// `fail` (default) stops on a bad record; `skip` drops and counts it.
-            #[serde(default)]
-            pub on_error: OnError,
             /// CIFAR-100 only: `fine` (100 classes, default) or `coarse` (20).
             #[serde(default)]
             pub $extra: Option<LabelKind>,
@@ -71,7 +60,6 @@ macro_rules! cifar_config {
                 (PortType::Nothing, PortType::Views)
             }
             fn check(&self, cx: &Context, out: &mut Vec<Problem>) {
-                check_common(&self.options(), out);
                 let path = cx.resolve(&self.path);
                 if check_exists("path", &path, "the CIFAR data", out) {
                     if let Err(p) = files(&path, $kind, self.split) {
@@ -90,18 +78,7 @@ macro_rules! cifar_config {
                     ("cifar100", LabelKind::Fine) => 1,
                     _ => 0,
                 };
-                Ok(Stage::Source(Arc::new(Records::open(&files, header, label_at, self.options())?)))
-            }
-        }
-
-        impl $name {
-            fn options(&self) -> SourceOptions {
-                SourceOptions {
-                    shuffle: self.shuffle,
-                    limit: self.limit,
-                    shard: self.shard,
-                    on_error: self.on_error,
-                }
+                Ok(Stage::Source(Arc::new(Records::open(&files, header, label_at, cx.source)?)))
             }
         }
     };

@@ -11,11 +11,11 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use simclr_core::{
-    Context, OnError, Payload, PortType, Problem, Role, Sample, SampleCtx, Shard, Source, SourceOptions,
-    Stage, StageConfig, StageError,
+    Context, Payload, PortType, Problem, Role, Sample, SampleCtx, Source, SourceOptions, Stage, StageConfig,
+    StageError,
 };
 
-use super::{check_common, check_exists};
+use super::check_exists;
 
 /// File extensions read (case-insensitive).
 pub const EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp"];
@@ -25,22 +25,6 @@ pub const EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp"];
 pub struct ImageFolder {
     /// The root folder.
     pub path: PathBuf,
-    /// Reshuffle every epoch (from the pipeline seed).
-    #[serde(default)]
-    pub shuffle: bool,
-    #[serde(default)]
-    pub limit: Option<u64>,
-    #[serde(default)]
-    pub shard: Option<Shard>,
-    /// `fail` (default) stops on an unreadable file; `skip` drops, counts and names it.
-    #[serde(default)]
-    pub on_error: OnError,
-}
-
-impl ImageFolder {
-    fn options(&self) -> SourceOptions {
-        SourceOptions { shuffle: self.shuffle, limit: self.limit, shard: self.shard, on_error: self.on_error }
-    }
 }
 
 fn is_image(p: &Path) -> bool {
@@ -95,7 +79,6 @@ impl StageConfig for ImageFolder {
         (PortType::Nothing, PortType::Encoded)
     }
     fn check(&self, cx: &Context, out: &mut Vec<Problem>) {
-        check_common(&self.options(), out);
         let root = cx.resolve(&self.path);
         if check_exists("path", &root, "the image folder", out) && !root.is_dir() {
             out.push(Problem::new(
@@ -117,7 +100,7 @@ impl StageConfig for ImageFolder {
             )));
         }
         let files = files.into_iter().map(|(p, l)| (Arc::from(p.to_string_lossy().as_ref()), p, l)).collect();
-        Ok(Stage::Source(Arc::new(FolderSource { files, opts: self.options() })))
+        Ok(Stage::Source(Arc::new(FolderSource { files, opts: cx.source })))
     }
 }
 

@@ -3,20 +3,12 @@
 
 use std::path::Path;
 
-use simclr_core::{Problem, SourceOptions};
+use simclr_core::Problem;
 
 pub mod cifar;
 pub mod folder;
 pub mod stl10;
 pub mod synthetic;
-
-/// Checks shared by every source's common fields.
-pub fn check_common(opts: &SourceOptions, out: &mut Vec<Problem>) {
-    crate::basic::check_shard(opts.shard, out);
-    if opts.limit == Some(0) {
-        out.push(Problem::new("limit", "`limit: 0` leaves no data", "remove `limit` or make it positive"));
-    }
-}
 
 /// A problem for a path that must exist.
 pub fn check_exists(field: &str, path: &Path, what: &str, out: &mut Vec<Problem>) -> bool {

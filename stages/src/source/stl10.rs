@@ -11,11 +11,11 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use simclr_core::{
-    Context, Image, OnError, Payload, PortType, Problem, Role, Sample, SampleCtx, Shard, Source,
-    SourceOptions, Stage, StageConfig, StageError,
+    Context, Image, Payload, PortType, Problem, Role, Sample, SampleCtx, Source, SourceOptions, Stage,
+    StageConfig, StageError,
 };
 
-use super::{check_common, check_exists};
+use super::check_exists;
 
 const SIDE: usize = 96;
 const REC: usize = 3 * SIDE * SIDE;
@@ -40,14 +40,6 @@ pub struct Stl10 {
     /// `unlabeled` (default), `train`, `test` or `train_unlabeled`.
     #[serde(default)]
     pub split: StlSplit,
-    #[serde(default)]
-    pub shuffle: bool,
-    #[serde(default)]
-    pub limit: Option<u64>,
-    #[serde(default)]
-    pub shard: Option<Shard>,
-    #[serde(default)]
-    pub on_error: OnError,
 }
 
 impl Stl10 {
@@ -59,9 +51,6 @@ impl Stl10 {
             StlSplit::TrainUnlabeled => vec![("train_X.bin", Some("train_y.bin")), ("unlabeled_X.bin", None)],
         }
     }
-    fn options(&self) -> SourceOptions {
-        SourceOptions { shuffle: self.shuffle, limit: self.limit, shard: self.shard, on_error: self.on_error }
-    }
 }
 
 impl StageConfig for Stl10 {
@@ -72,7 +61,6 @@ impl StageConfig for Stl10 {
         (PortType::Nothing, PortType::Views)
     }
     fn check(&self, cx: &Context, out: &mut Vec<Problem>) {
-        check_common(&self.options(), out);
         let dir = cx.resolve(&self.path);
         if check_exists("path", &dir, "the STL-10 folder", out) {
             for (x, y) in self.parts() {
@@ -104,7 +92,7 @@ impl StageConfig for Stl10 {
             len += n;
             parts.push(Part { file: f, path: xp, images: n, complete: size % REC as u64 == 0, labels });
         }
-        Ok(Stage::Source(Arc::new(StlSource { parts, len, opts: self.options() })))
+        Ok(Stage::Source(Arc::new(StlSource { parts, len, opts: cx.source })))
     }
 }
 

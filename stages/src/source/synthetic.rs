@@ -12,11 +12,9 @@ use rand::Rng;
 use serde::Deserialize;
 use simclr_core::rng::{stage_key, StreamKey};
 use simclr_core::{
-    Context, Image, OnError, Payload, PortType, Problem, Role, Sample, SampleCtx, Shard, Source,
-    SourceOptions, Stage, StageConfig, StageError,
+    Context, Image, Payload, PortType, Problem, Role, Sample, SampleCtx, Source, SourceOptions, Stage,
+    StageConfig, StageError,
 };
-
-use super::check_common;
 
 /// The shapes, in class order.
 pub const SHAPES: &[&str] = &["circle", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent"];
@@ -53,14 +51,6 @@ pub struct SyntheticShapes {
     /// the shapes stand out, for short demo-scale runs.
     #[serde(default = "full")]
     pub texture: f32,
-    #[serde(default)]
-    pub shuffle: bool,
-    #[serde(default)]
-    pub limit: Option<u64>,
-    #[serde(default)]
-    pub shard: Option<Shard>,
-    #[serde(default)]
-    pub on_error: OnError,
 }
 
 fn default_count() -> u64 {
@@ -76,12 +66,6 @@ fn full() -> f32 {
     1.0
 }
 
-impl SyntheticShapes {
-    fn options(&self) -> SourceOptions {
-        SourceOptions { shuffle: self.shuffle, limit: self.limit, shard: self.shard, on_error: self.on_error }
-    }
-}
-
 impl StageConfig for SyntheticShapes {
     const KIND: &'static str = "synthetic_shapes";
     const ABOUT: &'static str = "source: generated images of coloured shapes on textures (no files)";
@@ -90,7 +74,6 @@ impl StageConfig for SyntheticShapes {
         (PortType::Nothing, PortType::Views)
     }
     fn check(&self, _cx: &Context, out: &mut Vec<Problem>) {
-        check_common(&self.options(), out);
         if !(2..=SHAPES.len() as u32).contains(&self.classes) {
             out.push(Problem::new(
                 "classes",
@@ -119,7 +102,7 @@ impl StageConfig for SyntheticShapes {
                 SynthSplit::Train => 0,
                 SynthSplit::Test => 1 << 40,
             },
-            opts: self.options(),
+            opts: cx.source,
         })))
     }
 }
