@@ -130,6 +130,9 @@ fn locate(fields: &Spanned<Node>, path: &[PathSeg]) -> Pos {
     }
 }
 
+/// A stage whose config parsed: its role, config and (for a source) common options.
+type Parsed = (Role, Box<dyn Configured>, SourceOptions);
+
 /// Turns serde's message into what to write instead.
 fn config_fix(message: &str, kind: &str, extra: &[&str]) -> (String, String) {
     if let Some(rest) = message.strip_prefix("unknown field `") {
@@ -197,7 +200,7 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
     };
 
     // Kinds and configs.
-    let mut configured: Vec<Option<(Role, Box<dyn Configured>, SourceOptions)>> = Vec::new();
+    let mut configured: Vec<Option<Parsed>> = Vec::new();
     for s in &spec.stages {
         let Some(factory) = registry.get(&s.kind.value) else {
             let fix = match registry.suggest(&s.kind.value) {
