@@ -167,47 +167,93 @@ fn config_fix(message: &str, kind: &str, extra: &[&str]) -> (String, String) {
 }
 
 /// Checks a parsed spec against the registry and returns the runnable plan, or every problem.
+///
+/// Phases, each reporting into one list so every problem comes out in one pass: stage ids,
+/// kinds and configs, edges (inputs and references), cycles, ports; then the plan is built.
 pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnostics> {
-    let file = spec.file.clone();
-    let base_dir = spec.file.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut diags = Diagnostics::default();
-    let diag =
-        |s: &StageSpec, pos: Pos, msg: String| Diagnostic::new(&file, pos, msg).stage(s.id.value.clone());
+    let (configured, edges, out_ports) = {
+        let cx = Cx::new(&spec);
+        check_ids(&cx, &mut diags);
+        let configured = parse_configs(&cx, registry, &mut diags);
+        let edges = resolve_edges(&cx, &configured, &mut diags);
+        check_cycles(&cx, &edges, &mut diags);
+        let out_ports = check_ports(&cx, &configured, &edges, &mut diags);
+        (configured, edges, out_ports)
+    };
+    if !diags.is_empty() {
+        return Err(diags.into_result(()).err().unwrap_or_default());
+    }
+    Ok(assemble(spec, configured, edges, out_ports))
+}
 
-    // Ids first: everything else refers to them.
+/// What every phase looks things up in.
+struct Cx<'a> {
+    spec: &'a PipelineSpec,
+    base_dir: std::path::PathBuf,
+    /// Stage index by id (the first stage with that id).
+    index: HashMap<&'a str, usize>,
+    /// The ids, in file order, once each.
+    ids: Vec<&'a str>,
+}
+
+impl<'a> Cx<'a> {
+    fn new(spec: &'a PipelineSpec) -> Self {
+        let index = spec.stages.iter().enumerate().rev().map(|(i, s)| (s.id.value.as_str(), i)).collect();
+        let mut ids: Vec<&str> = Vec::new();
+        for s in &spec.stages {
+            if !ids.contains(&s.id.value.as_str()) {
+                ids.push(&s.id.value);
+            }
+        }
+        let base_dir = spec.file.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self { spec, base_dir, index, ids }
+    }
+
+    fn diag(&self, s: &StageSpec, pos: Pos, msg: String) -> Diagnostic {
+        Diagnostic::new(&self.spec.file, pos, msg).stage(s.id.value.clone())
+    }
+
+    fn unknown_stage_fix(&self, name: &str) -> String {
+        match crate::suggest(name, self.ids.iter().copied()) {
+            Some(s) => format!("did you mean `{s}`? stages: {}", self.ids.join(", ")),
+            None => format!("name one of: {}", self.ids.join(", ")),
+        }
+    }
+}
+
+/// The graph's edges: each stage's inputs and its references to other stages (`encoder: train`).
+struct Edges {
+    inputs: Vec<Vec<usize>>,
+    refs: Vec<Vec<(StageRef, usize)>>,
+}
+
+/// Every id is used once: everything else refers to them.
+fn check_ids(cx: &Cx<'_>, diags: &mut Diagnostics) {
     let mut seen: HashMap<&str, Pos> = HashMap::new();
-    for s in &spec.stages {
+    for s in &cx.spec.stages {
         if let Some(first) = seen.get(s.id.value.as_str()) {
             diags.push(
-                diag(s, s.id.pos, format!("duplicate stage id (first used at line {})", first.line))
+                cx.diag(s, s.id.pos, format!("duplicate stage id (first used at line {})", first.line))
                     .fix("give every stage its own id"),
             );
         } else {
             seen.insert(&s.id.value, s.id.pos);
         }
     }
-    let index: HashMap<&str, usize> =
-        spec.stages.iter().enumerate().rev().map(|(i, s)| (s.id.value.as_str(), i)).collect();
-    let mut ids: Vec<&str> = Vec::new();
-    for s in &spec.stages {
-        if !ids.contains(&s.id.value.as_str()) {
-            ids.push(&s.id.value);
-        }
-    }
-    let unknown_stage_fix = |name: &str| match crate::suggest(name, ids.iter().copied()) {
-        Some(s) => format!("did you mean `{s}`? stages: {}", ids.join(", ")),
-        None => format!("name one of: {}", ids.join(", ")),
-    };
+}
 
-    // Kinds and configs.
+/// Each stage's kind and config: the kind's parser, then its own checks; a source's common
+/// options are split off and checked by the core first.
+fn parse_configs(cx: &Cx<'_>, registry: &Registry, diags: &mut Diagnostics) -> Vec<Option<Parsed>> {
     let mut configured: Vec<Option<Parsed>> = Vec::new();
-    for s in &spec.stages {
+    for s in &cx.spec.stages {
         let Some(factory) = registry.get(&s.kind.value) else {
             let fix = match registry.suggest(&s.kind.value) {
                 Some(k) => format!("did you mean `{k}`? run `simclr kinds` for the list"),
                 None => "run `simclr kinds` for the list of stage kinds".to_string(),
             };
-            diags.push(diag(s, s.kind.pos, format!("unknown stage kind `{}`", s.kind.value)).fix(fix));
+            diags.push(cx.diag(s, s.kind.pos, format!("unknown stage kind `{}`", s.kind.value)).fix(fix));
             configured.push(None);
             continue;
         };
@@ -228,70 +274,73 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
                     let mut problems = Vec::new();
                     o.check(&mut problems);
                     for p in problems {
-                        diags.push(diag(s, locate(&s.config, &p.field), p.message).fix(p.fix));
+                        diags.push(cx.diag(s, locate(&s.config, &p.field), p.message).fix(p.fix));
                     }
                     source = o;
                 }
                 Err(e) => {
                     let path = crate::stage::serde_path(e.path());
                     let (msg, fix) = config_fix(&e.inner().to_string(), &s.kind.value, &[]);
-                    diags.push(diag(s, locate(&s.config, &path), msg).fix(fix));
+                    diags.push(cx.diag(s, locate(&s.config, &path), msg).fix(fix));
                 }
             }
         }
         let extra: &[&str] = if factory.role() == Role::Source { &SourceOptions::KEYS } else { &[] };
         match factory.parse(fields) {
             Ok(c) => {
-                let cx = Context {
-                    base_dir: base_dir.clone(),
-                    seed: spec.seed,
+                let stage_cx = Context {
+                    base_dir: cx.base_dir.clone(),
+                    seed: cx.spec.seed,
                     stage_id: s.id.value.clone(),
                     run_dir: None,
                     artifacts: Artifacts::default(),
                     source,
                 };
                 let mut problems = Vec::new();
-                c.check(&cx, &mut problems);
+                c.check(&stage_cx, &mut problems);
                 for p in problems {
-                    diags.push(diag(s, locate(&s.config, &p.field), p.message).fix(p.fix));
+                    diags.push(cx.diag(s, locate(&s.config, &p.field), p.message).fix(p.fix));
                 }
                 configured.push(Some((factory.role(), c, source)));
             }
             Err(e) => {
                 let (msg, fix) = config_fix(&e.message, &s.kind.value, extra);
-                diags.push(diag(s, locate(&s.config, &e.path), msg).fix(fix));
+                diags.push(cx.diag(s, locate(&s.config, &e.path), msg).fix(fix));
                 configured.push(None);
             }
         }
     }
+    configured
+}
 
-    // Edges.
-    let mut inputs: Vec<Vec<usize>> = vec![Vec::new(); spec.stages.len()];
-    let mut refs: Vec<Vec<(StageRef, usize)>> = vec![Vec::new(); spec.stages.len()];
-    for (i, s) in spec.stages.iter().enumerate() {
+/// Inputs (`input:`/`inputs:`, else the previous stage) and references, each named stage known.
+fn resolve_edges(cx: &Cx<'_>, configured: &[Option<Parsed>], diags: &mut Diagnostics) -> Edges {
+    let mut inputs: Vec<Vec<usize>> = vec![Vec::new(); cx.spec.stages.len()];
+    let mut refs: Vec<Vec<(StageRef, usize)>> = vec![Vec::new(); cx.spec.stages.len()];
+    for (i, s) in cx.spec.stages.iter().enumerate() {
         let role = configured[i].as_ref().map(|(r, _, _)| *r);
         match &s.inputs {
             Some(list) => {
                 if matches!(role, Some(Role::Source | Role::Task)) && !list.is_empty() {
                     let what = if role == Some(Role::Source) { "a source stage" } else { "this stage" };
                     diags.push(
-                        diag(s, list[0].pos, format!("{what} takes no input"))
+                        cx.diag(s, list[0].pos, format!("{what} takes no input"))
                             .fix("remove `input`/`inputs` from this stage"),
                     );
                 }
                 for name in list {
-                    match index.get(name.value.as_str()) {
+                    match cx.index.get(name.value.as_str()) {
                         Some(&j) => inputs[i].push(j),
                         None => diags.push(
-                            diag(s, name.pos, format!("input `{}` is not a stage", name.value))
-                                .fix(unknown_stage_fix(&name.value)),
+                            cx.diag(s, name.pos, format!("input `{}` is not a stage", name.value))
+                                .fix(cx.unknown_stage_fix(&name.value)),
                         ),
                     }
                 }
             }
             None if matches!(role, Some(Role::Source | Role::Task) | None) => {}
             None if i == 0 => diags.push(
-                diag(s, s.pos, "the first stage needs an input, but it is not a source".into())
+                cx.diag(s, s.pos, "the first stage needs an input, but it is not a source".into())
                     .fix("start the pipeline with a source stage (e.g. `kind: synthetic_shapes`)"),
             ),
             None => inputs[i].push(i - 1),
@@ -299,19 +348,23 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
         if let Some((_, c, _)) = &configured[i] {
             for r in c.refs() {
                 let field_pos = s.config.value.get(&r.field).map_or(s.pos, |n| n.pos);
-                match index.get(r.stage.as_str()) {
+                match cx.index.get(r.stage.as_str()) {
                     Some(&j) => refs[i].push((r, j)),
                     None => diags.push(
-                        diag(s, field_pos, format!("`{}: {}` names no stage", r.field, r.stage))
-                            .fix(unknown_stage_fix(&r.stage)),
+                        cx.diag(s, field_pos, format!("`{}: {}` names no stage", r.field, r.stage))
+                            .fix(cx.unknown_stage_fix(&r.stage)),
                     ),
                 }
             }
         }
     }
+    Edges { inputs, refs }
+}
 
-    // Cycles (through inputs and artifact references).
-    let n = spec.stages.len();
+/// No stage depends on its own output, through inputs or artifact references.
+fn check_cycles(cx: &Cx<'_>, edges: &Edges, diags: &mut Diagnostics) {
+    let (inputs, refs) = (&edges.inputs, &edges.refs);
+    let n = cx.spec.stages.len();
     let mut state = vec![0u8; n]; // 0 new, 1 on stack, 2 done
     let mut reported: HashSet<usize> = HashSet::new();
     for start in 0..n {
@@ -337,10 +390,10 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
                         let members: Vec<usize> = stack[cycle_start..].iter().map(|(v, _)| *v).collect();
                         if members.iter().all(|m| reported.insert(*m)) {
                             let names: Vec<&str> =
-                                members.iter().map(|&m| spec.stages[m].id.value.as_str()).collect();
-                            let s = &spec.stages[node];
+                                members.iter().map(|&m| cx.spec.stages[m].id.value.as_str()).collect();
+                            let s = &cx.spec.stages[node];
                             diags.push(
-                                diag(s, s.pos, format!("cycle: {} -> {}", names.join(" -> "), names[0]))
+                                cx.diag(s, s.pos, format!("cycle: {} -> {}", names.join(" -> "), names[0]))
                                     .fix("break the loop: a stage cannot depend on its own output"),
                             );
                         }
@@ -353,8 +406,18 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
             }
         }
     }
+}
 
-    // Ports.
+/// Port types fit along every edge and reference, one input per stage, no fan-out. Returns each
+/// stage's output port.
+fn check_ports(
+    cx: &Cx<'_>,
+    configured: &[Option<Parsed>],
+    edges: &Edges,
+    diags: &mut Diagnostics,
+) -> Vec<Option<PortType>> {
+    let (inputs, refs) = (&edges.inputs, &edges.refs);
+    let n = cx.spec.stages.len();
     let mut out_ports: Vec<Option<PortType>> = vec![None; n];
     // Resolve `SameAsInput` in file order (inputs usually come first; unresolved ones stay None).
     for _ in 0..2 {
@@ -368,12 +431,12 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
         }
     }
     let mut consumers: HashMap<usize, Vec<usize>> = HashMap::new();
-    for (i, s) in spec.stages.iter().enumerate() {
+    for (i, s) in cx.spec.stages.iter().enumerate() {
         let Some((role, c, _)) = &configured[i] else { continue };
         let (inp, _) = c.ports();
         if *role != Role::Source && inputs[i].len() > 1 {
             diags.push(
-                diag(s, s.pos, format!("takes one input, {} given", inputs[i].len()))
+                cx.diag(s, s.pos, format!("takes one input, {} given", inputs[i].len()))
                     .fix("give it a single `input:`"),
             );
         }
@@ -382,12 +445,12 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
             if let Some(p) = out_ports[j] {
                 if !p.fits(inp) {
                     diags.push(
-                        diag(
+                        cx.diag(
                             s,
                             s.kind.pos,
                             format!(
                                 "port type mismatch: `{}` takes {inp}, but its input '{}' gives {p}",
-                                s.kind.value, spec.stages[j].id.value
+                                s.kind.value, cx.spec.stages[j].id.value
                             ),
                         )
                         .fix(match (p, inp) {
@@ -407,7 +470,7 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
                 if !p.fits(r.expects) {
                     let pos = s.config.value.get(&r.field).map_or(s.pos, |n| n.pos);
                     diags.push(
-                        diag(
+                        cx.diag(
                             s,
                             pos,
                             format!(
@@ -423,15 +486,15 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
     }
     for (j, cs) in &consumers {
         if cs.len() > 1 {
-            let s = &spec.stages[cs[1]];
-            let others: Vec<&str> = cs.iter().map(|&c| spec.stages[c].id.value.as_str()).collect();
+            let s = &cx.spec.stages[cs[1]];
+            let others: Vec<&str> = cs.iter().map(|&c| cx.spec.stages[c].id.value.as_str()).collect();
             diags.push(
-                diag(
+                cx.diag(
                     s,
                     s.pos,
                     format!(
                         "stage '{}' feeds several stages ({}); fan-out is not supported yet",
-                        spec.stages[*j].id.value,
+                        cx.spec.stages[*j].id.value,
                         others.join(", ")
                     ),
                 )
@@ -439,10 +502,17 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
             );
         }
     }
+    out_ports
+}
 
-    if !diags.is_empty() {
-        return Err(diags.into_result(()).err().unwrap_or_default());
-    }
+/// The plan of a spec that passed every check.
+fn assemble(
+    spec: PipelineSpec,
+    configured: Vec<Option<Parsed>>,
+    edges: Edges,
+    out_ports: Vec<Option<PortType>>,
+) -> Plan {
+    let Edges { inputs, refs } = edges;
     let stages = spec
         .stages
         .iter()
@@ -469,5 +539,5 @@ pub fn validate(spec: PipelineSpec, registry: &Registry) -> Result<Plan, Diagnos
             })
         })
         .collect();
-    Ok(Plan { spec, stages })
+    Plan { spec, stages }
 }
