@@ -246,77 +246,15 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
     let started = Instant::now();
     let ChainStages { source: (source_info, source), maps, mut batch, sink: (sink_info, mut sink) } = chain;
     let src_opts = source.options();
-    let len = source.len();
-    let per_epoch = epoch_len(len, &src_opts);
-    let epochs = match (opts.epochs, opts.max_samples) {
-        (Some(e), _) => e,
-        (None, Some(m)) if per_epoch > 0 => u32::try_from(m.div_ceil(per_epoch)).unwrap_or(u32::MAX),
-        (None, Some(_)) => 0,
-        (None, None) => sink.epochs(),
-    };
-    if let Some((binfo, b)) = &batch {
-        if epochs > 0 && opts.max_samples.is_none() && b.batches(per_epoch) == Some(0) {
-            return Err(RunError::Refused {
-                stage: binfo.id.clone(),
-                kind: binfo.kind.clone(),
-                message: format!(
-                    "{}, so '{}' ({}) would get nothing (source '{}': {len} items)",
-                    b.explain_empty(per_epoch),
-                    sink_info.id,
-                    sink_info.kind,
-                    source_info.id
-                ),
-            });
-        }
-    }
-    // A resumed sink starts later; epochs keep their absolute numbers (they key the randomness).
-    let first_epoch = sink.start_epoch().min(epochs);
-    let total = (per_epoch * u64::from(epochs - first_epoch)).min(opts.max_samples.unwrap_or(u64::MAX));
+    let EpochPlan { len, first_epoch, epochs, total } =
+        epoch_plan(source.as_ref(), batch.as_ref(), sink.as_ref(), &source_info, &sink_info, opts)?;
     let threads = opts.threads.max(1);
     opts.progress_total.fetch_add(total, Ordering::Relaxed);
 
-    // Segments of fused per-sample stages.
-    let mut ops: Vec<OpInfo> = Vec::new();
-    let mk = |op: Op, info: StageInfo| OpInfo {
-        key: stage_key(&info.id),
-        op,
-        info,
-        counters: Arc::new(Counters::default()),
-    };
-    ops.push(mk(Op::Read(source.clone()), source_info.clone()));
-    for (info, m) in maps {
-        ops.push(mk(Op::Map(m), info));
-    }
-    let mut segments: Vec<Vec<OpInfo>> = Vec::new();
-    for op in ops {
-        let own = !opts.fuse || op.info.workers.is_some() || op.info.capacity.is_some();
-        match segments.last_mut() {
-            Some(seg) if !own && !seg_is_own(seg, opts.fuse) => seg.push(op),
-            _ => segments.push(vec![op]),
-        }
-    }
-    let auto_segments = segments.iter().filter(|s| s[0].info.workers.is_none()).count().max(1);
-    let seg_workers: Vec<usize> = segments
-        .iter()
-        .map(|s| s[0].info.workers.unwrap_or_else(|| (threads / auto_segments).max(1)))
-        .collect();
+    let (segments, seg_workers) = segments(&source, &source_info, maps, opts.fuse, threads);
     let total_workers: usize = seg_workers.iter().sum();
-    // Batching in the workers (see `Batcher::worker_batch_size`) when there are several: one
-    // collector copying every view into its batch becomes the serial part that stops the
-    // workers from scaling (CIFAR, 2 workers: 1.79x -> 1.9x). With one worker too when the
-    // stage before `batch` writes its tensors straight into the batch (`to_tensor`): then
-    // there is no copy left to hand off, and the worker does all the work. Otherwise one
-    // worker leaves the copy to the collector. Only with automatic chunks, and only where
-    // no sample can be skipped (a skip would shorten that chunk's batch, where the collector
-    // fills it from the next samples). The batches are the same either way.
     let last_workers = seg_workers.last().copied().unwrap_or(1);
-    let fusable = segments.last().and_then(|s| s.last()).and_then(tensor_writer).is_some();
-    let mut forks: Option<(usize, Vec<Box<dyn Batcher>>)> = match (&batch, opts.chunk, src_opts.on_error) {
-        (Some((_, b)), None, OnError::Fail) if last_workers >= 2 || fusable => b
-            .worker_batch_size()
-            .and_then(|n| (0..last_workers).map(|_| b.fork()).collect::<Option<Vec<_>>>().map(|f| (n, f))),
-        _ => None,
-    };
+    let mut forks = worker_batchers(&segments, last_workers, batch.as_ref(), opts.chunk, src_opts.on_error);
     let worker_batch = forks.as_ref().map(|(n, _)| *n);
     let batch_counters = Arc::new(Counters::default());
     let chunk =
@@ -551,6 +489,115 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
         window_chunks: window,
         chunk,
     })
+}
+
+/// How many samples a run of the chain delivers, from which epoch.
+struct EpochPlan {
+    /// Items in the source.
+    len: u64,
+    first_epoch: u32,
+    /// One past the last epoch.
+    epochs: u32,
+    /// Samples the run delivers.
+    total: u64,
+}
+
+/// The run's epochs and sample count; refuses a run whose epochs give the sink no batch.
+fn epoch_plan(
+    source: &dyn Source,
+    batch: Option<&(StageInfo, Box<dyn Batcher>)>,
+    sink: &dyn Sink,
+    source_info: &StageInfo,
+    sink_info: &StageInfo,
+    opts: &RunOptions,
+) -> Result<EpochPlan, RunError> {
+    let len = source.len();
+    let per_epoch = epoch_len(len, &source.options());
+    let epochs = match (opts.epochs, opts.max_samples) {
+        (Some(e), _) => e,
+        (None, Some(m)) if per_epoch > 0 => u32::try_from(m.div_ceil(per_epoch)).unwrap_or(u32::MAX),
+        (None, Some(_)) => 0,
+        (None, None) => sink.epochs(),
+    };
+    if let Some((binfo, b)) = batch {
+        if epochs > 0 && opts.max_samples.is_none() && b.batches(per_epoch) == Some(0) {
+            return Err(RunError::Refused {
+                stage: binfo.id.clone(),
+                kind: binfo.kind.clone(),
+                message: format!(
+                    "{}, so '{}' ({}) would get nothing (source '{}': {len} items)",
+                    b.explain_empty(per_epoch),
+                    sink_info.id,
+                    sink_info.kind,
+                    source_info.id
+                ),
+            });
+        }
+    }
+    // A resumed sink starts later; epochs keep their absolute numbers (they key the randomness).
+    let first_epoch = sink.start_epoch().min(epochs);
+    let total = (per_epoch * u64::from(epochs - first_epoch)).min(opts.max_samples.unwrap_or(u64::MAX));
+    Ok(EpochPlan { len, first_epoch, epochs, total })
+}
+
+/// The per-sample stages grouped into segments (consecutive stages fused into one worker loop
+/// unless `fuse` is off or a stage asks for its own `workers`/`capacity`), and each segment's
+/// worker count (explicit, else an equal share of `threads`).
+fn segments(
+    source: &Arc<dyn Source>,
+    source_info: &StageInfo,
+    maps: Vec<(StageInfo, Arc<dyn MapStage>)>,
+    fuse: bool,
+    threads: usize,
+) -> (Vec<Vec<OpInfo>>, Vec<usize>) {
+    let mk = |op: Op, info: StageInfo| OpInfo {
+        key: stage_key(&info.id),
+        op,
+        info,
+        counters: Arc::new(Counters::default()),
+    };
+    let mut ops: Vec<OpInfo> = vec![mk(Op::Read(source.clone()), source_info.clone())];
+    for (info, m) in maps {
+        ops.push(mk(Op::Map(m), info));
+    }
+    let mut segments: Vec<Vec<OpInfo>> = Vec::new();
+    for op in ops {
+        let own = !fuse || op.info.workers.is_some() || op.info.capacity.is_some();
+        match segments.last_mut() {
+            Some(seg) if !own && !seg_is_own(seg, fuse) => seg.push(op),
+            _ => segments.push(vec![op]),
+        }
+    }
+    let auto_segments = segments.iter().filter(|s| s[0].info.workers.is_none()).count().max(1);
+    let seg_workers = segments
+        .iter()
+        .map(|s| s[0].info.workers.unwrap_or_else(|| (threads / auto_segments).max(1)))
+        .collect();
+    (segments, seg_workers)
+}
+
+/// Batching in the workers (see `Batcher::worker_batch_size`) when there are several: one
+/// collector copying every view into its batch becomes the serial part that stops the
+/// workers from scaling (CIFAR, 2 workers: 1.79x -> 1.9x). With one worker too when the
+/// stage before `batch` writes its tensors straight into the batch (`to_tensor`): then
+/// there is no copy left to hand off, and the worker does all the work. Otherwise one
+/// worker leaves the copy to the collector. Only with automatic chunks, and only where
+/// no sample can be skipped (a skip would shorten that chunk's batch, where the collector
+/// fills it from the next samples). The batches are the same either way.
+fn worker_batchers(
+    segments: &[Vec<OpInfo>],
+    last_workers: usize,
+    batch: Option<&(StageInfo, Box<dyn Batcher>)>,
+    chunk: Option<usize>,
+    on_error: OnError,
+) -> Option<(usize, Vec<Box<dyn Batcher>>)> {
+    let fusable = segments.last().and_then(|s| s.last()).and_then(tensor_writer).is_some();
+    match (batch, chunk, on_error) {
+        (Some((_, b)), None, OnError::Fail) if last_workers >= 2 || fusable => b
+            .worker_batch_size()
+            .and_then(|n| (0..last_workers).map(|_| b.fork()).collect::<Option<Vec<_>>>().map(|f| (n, f))),
+        _ => None,
+    }
 }
 
 fn seg_is_own(seg: &[OpInfo], fuse: bool) -> bool {
