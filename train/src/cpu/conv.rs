@@ -29,16 +29,12 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 use super::conv_grad::{self, weight_grad};
+use super::geometry::Geometry;
 
 use super::gemm::dense::{Matrix, Out as Dense};
 use super::gemm::{self, Packed};
 use super::im2col::{Im2colCols, Nchw, Padded, PaddedCl};
 use super::{back, cast, flex, with_scratch, AdFlex};
-
-/// Output columns (images x output positions) per GEMM of the gradients: enough for the GEMM
-/// kernels to run at speed on the small late layers (4 x 4 outputs), small enough for the
-/// im2col buffer to stay in cache on the early ones.
-const GROUP_COLUMNS: usize = 1024;
 
 /// Calls that took this module's path (tests check that the dispatch finds the CPU backend).
 #[cfg(test)]
@@ -67,48 +63,6 @@ pub fn conv2d<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, s: usize, p: us
     match slot {
         Some((x, w)) => burn::tensor::module::conv2d(x, w, None, options),
         None => unreachable!("a tensor pair is taken only by a cast that returns"),
-    }
-}
-
-/// The shapes of one convolution.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Geometry {
-    pub(crate) n: usize,
-    pub(crate) ci: usize,
-    pub(crate) h: usize,
-    pub(crate) w: usize,
-    pub(crate) co: usize,
-    pub(crate) kh: usize,
-    pub(crate) kw: usize,
-    pub(crate) s: usize,
-    pub(crate) p: usize,
-    pub(crate) ho: usize,
-    pub(crate) wo: usize,
-}
-
-impl Geometry {
-    fn new(x: [usize; 4], w: [usize; 4], s: usize, p: usize) -> Self {
-        let [n, ci, h, wd] = x;
-        let [co, _, kh, kw] = w;
-        let ho = (h + 2 * p).saturating_sub(kh) / s + 1;
-        let wo = (wd + 2 * p).saturating_sub(kw) / s + 1;
-        Self { n, ci, h, w: wd, co, kh, kw, s, p, ho, wo }
-    }
-    /// Rows of the im2col matrix (input channels x kernel positions).
-    pub(crate) fn k(&self) -> usize {
-        self.ci * self.kh * self.kw
-    }
-    /// Output positions per image.
-    pub(crate) fn positions(&self) -> usize {
-        self.ho * self.wo
-    }
-    /// Images per GEMM.
-    pub(crate) fn group(&self) -> usize {
-        GROUP_COLUMNS.div_ceil(self.positions().max(1)).clamp(1, self.n.max(1))
-    }
-    /// Image groups.
-    pub(crate) fn groups(&self) -> usize {
-        self.n.div_ceil(self.group())
     }
 }
 

@@ -9,9 +9,9 @@
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::conv::Geometry;
 use super::gemm::dense::{Matrix, Out as Dense};
 use super::gemm::{self, Packed, Store};
+use super::geometry::Geometry;
 use super::im2col::{channels_last, DyRows, Nchw, PaddedCl, PhaseDy};
 use super::{flex, with_scratch};
 

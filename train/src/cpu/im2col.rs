@@ -7,8 +7,8 @@
 
 use std::cell::UnsafeCell;
 
-use super::conv::Geometry;
 use super::gemm::{slot, zero_padding, Pack, Store};
+use super::geometry::Geometry;
 
 /// A run of consecutive columns inside one output row of one image (and one panel).
 #[derive(Clone, Copy)]

@@ -17,6 +17,7 @@ pub mod batchnorm;
 pub mod conv;
 mod conv_grad;
 pub(crate) mod gemm;
+mod geometry;
 mod im2col;
 pub(crate) mod optim;
 

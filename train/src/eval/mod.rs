@@ -3,6 +3,7 @@
 
 pub mod features;
 pub mod fine_tune;
+mod fine_tune_run;
 pub mod knn;
 pub mod linear;
 pub mod stages;

@@ -18,7 +18,7 @@ use simclr_core::{
 };
 
 use super::features::{extract, Encode, EncoderArtifact};
-use super::fine_tune::{concat, keep_rows, probe_head, FineTuneRun};
+use super::fine_tune_run::{concat, keep_rows, probe_head, FineTuneRun};
 use super::linear::topk_accuracy;
 use super::subset::{self, Subset};
 use crate::config::{Backbone, DeviceSpec, OptimizerConfig, SimclrTrain, Stem};
