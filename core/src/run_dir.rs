@@ -122,6 +122,8 @@ pub fn resolved_pipeline(plan: &crate::Plan, registry: &crate::Registry) -> serd
 pub fn to_yaml(doc: &serde_json::Value, header: &str) -> String {
     use serde_json::Value;
     let mut out = String::new();
+    // `\r` (in a path, say) would end a YAML comment line early.
+    let header = header.replace('\r', " ");
     for line in header.lines() {
         out += format!("# {line}").trim_end();
         out.push('\n');

@@ -536,7 +536,9 @@ fn epoch_plan(
     }
     // A resumed sink starts later; epochs keep their absolute numbers (they key the randomness).
     let first_epoch = sink.start_epoch().min(epochs);
-    let total = (per_epoch * u64::from(epochs - first_epoch)).min(opts.max_samples.unwrap_or(u64::MAX));
+    // Saturating: an open-ended run (the Python iterator) asks for u32::MAX epochs.
+    let total =
+        per_epoch.saturating_mul(u64::from(epochs - first_epoch)).min(opts.max_samples.unwrap_or(u64::MAX));
     Ok(EpochPlan { len, first_epoch, epochs, total })
 }
 

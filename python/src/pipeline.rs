@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
-use numpy::ndarray::{Array1, ArrayView4};
+use numpy::ndarray::{Array1, ArrayViewMut4};
 use numpy::{PyArray1, PyArray4};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -370,9 +370,11 @@ impl Batches {
                 // for an iteration of that epoch.
                 if let Some(mut run) = self.run.take() {
                     run.pending = Some(Msg::Batch(epoch, batch));
-                    if let Ok(mut c) = self.carry.lock() {
-                        *c = Some((epoch, run));
-                    }
+                    // A run parked earlier is dropped (stopped, which waits for its thread with
+                    // the GIL released) only after the lock is released: holding it there
+                    // could deadlock with a thread taking the GIL and then this lock.
+                    let replaced = self.carry.lock().ok().and_then(|mut c| c.replace((epoch, run)));
+                    drop(replaced);
                 }
                 Ok(None)
             }
@@ -446,13 +448,18 @@ fn view_array<'py>(
             t.data.len()
         )));
     }
-    let owner = Bound::new(py, RustBuffer { data: t.data, pool })?;
-    let view = ArrayView4::from_shape((b, c, h, w), &owner.get().data[..])
-        .map_err(|e| PipelineError::new_err(format!("internal error: batch view shape: {e}")))?;
-    // SAFETY: `owner` becomes the array's base object, so it lives as long as the array (and
-    // any view of it); its buffer is never touched from Rust again until `owner` is dropped,
-    // and a Vec's heap buffer does not move when the Vec does.
-    Ok(unsafe { PyArray4::borrow_from_array(&view, owner.clone().into_any()) })
+    let mut data = t.data;
+    // Taken before the Vec moves into its owner (its heap buffer does not move with it), and
+    // as a mutable pointer: NumPy arrays are writable, so no shared Rust borrow of the data
+    // may exist while Python holds them.
+    let ptr = data.as_mut_ptr();
+    let owner = Bound::new(py, RustBuffer { data, pool })?;
+    // SAFETY: `ptr` points to the b*c*h*w values (checked above) of the buffer `owner` holds;
+    // `owner` becomes the array's base object, so the buffer lives as long as the array and
+    // any view of it, and Rust does not touch the values again until `owner` is dropped.
+    let view = unsafe { ArrayViewMut4::from_shape_ptr((b, c, h, w), ptr) };
+    // SAFETY: as above: the container is the buffer's owner and is never reallocated.
+    Ok(unsafe { PyArray4::borrow_from_array(&view, owner.into_any()) })
 }
 
 /// A batch as a dict of NumPy arrays that own the Rust buffers (no copy).

@@ -426,7 +426,7 @@ impl SupervisedSink {
             self.last_train_acc = Some(acc / k);
             self.write(serde_json::json!({
                 "type": "supervised_epoch", "stage": self.id, "epoch": epoch,
-                "loss": loss / k, "train_acc": acc / k,
+                "step": self.step.saturating_sub(1), "loss": loss / k, "train_acc": acc / k,
             }))?;
             tracing::info!(
                 "'{}' epoch {epoch}: loss {:.4}, train accuracy {:.1}%",
