@@ -22,10 +22,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
-use rand::seq::SliceRandom;
+
+mod epochs;
+pub use epochs::{epoch_len, epoch_order};
+use epochs::{epoch_plan, EpochPlan};
 
 use crate::error::{RunError, StageError};
-use crate::rng::{stage_key, StreamKey};
+use crate::rng::stage_key;
 use crate::sample::Sample;
 use crate::stage::{Batcher, MapStage, OnError, SampleCtx, Sink, Source, SourceOptions, TensorWriter};
 
@@ -193,45 +196,6 @@ impl Shared {
     }
 }
 
-/// Items one epoch yields after `limit` and sharding (without listing them).
-pub fn epoch_len(len: u64, opts: &SourceOptions) -> u64 {
-    let n = opts.limit.map_or(len, |l| l.min(len));
-    match opts.shard {
-        Some(s) if s.count > 0 => {
-            if s.index >= n {
-                0
-            } else {
-                (n - s.index).div_ceil(s.count)
-            }
-        }
-        _ => n,
-    }
-}
-
-/// The order of dataset indices for one epoch: limit, shard, then shuffle. Unshuffled orders
-/// are generated lazily, so a huge `counter` costs no memory.
-pub fn epoch_order(
-    len: u64,
-    opts: &SourceOptions,
-    seed: u64,
-    epoch: u32,
-    source_id: &str,
-) -> Box<dyn Iterator<Item = u64> + Send> {
-    let n = opts.limit.map_or(len, |l| l.min(len));
-    let (start, step) = match opts.shard {
-        Some(s) if s.count > 0 => (s.index, s.count),
-        _ => (0, 1),
-    };
-    let range = (start..n).step_by(usize::try_from(step).unwrap_or(usize::MAX));
-    if !opts.shuffle {
-        return Box::new(range);
-    }
-    let mut order: Vec<u64> = range.collect();
-    let mut rng = StreamKey { seed, epoch, index: u64::MAX, view: 0, stage: stage_key(source_id) }.rng();
-    order.shuffle(&mut rng);
-    Box::new(order.into_iter())
-}
-
 fn auto_chunk(samples: u64, workers: usize) -> usize {
     // Small enough that the last chunks spread over all workers (at 32 chunks per worker, the
     // workers finish within 1/32 of a worker's share of each other: a short run of heavy
@@ -283,56 +247,22 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
     let seed = opts.seed;
     let cap0 = segments[0][0].info.capacity.unwrap_or(seg_workers[0] * 2);
     let (feed_tx, mut rx) = bounded::<Chunk>(cap0);
-    {
-        let shared = shared.clone();
-        let source_id = source_info.id.clone();
-        let in_flight = in_flight.clone();
-        let peak = peak.clone();
-        let shared2 = shared.clone();
-        spawn(&mut handles, &shared2, "feeder", move || {
-            let mut seq = 0u64;
-            let mut emitted = 0u64;
-            'epochs: for epoch in first_epoch..epochs {
-                let mut order = epoch_order(len, &src_opts, seed, epoch, &source_id);
-                loop {
-                    let room = total - emitted;
-                    if room == 0 {
-                        break 'epochs;
-                    }
-                    let take = chunk.min(usize::try_from(room).unwrap_or(usize::MAX));
-                    let items: Vec<Sample> = order
-                        .by_ref()
-                        .take(take)
-                        .map(|index| Sample { index, epoch, ..Sample::default() })
-                        .collect();
-                    if items.is_empty() {
-                        break;
-                    }
-                    // Wait for a token, but not past a stop: a worker that stops drops its
-                    // chunk (and so its token), and a worker still waiting for input only
-                    // returns once this feeder has gone.
-                    loop {
-                        match token_rx.recv_timeout(Duration::from_millis(20)) {
-                            Ok(()) => break,
-                            Err(RecvTimeoutError::Timeout) if !shared.stopped() => {}
-                            Err(_) => break 'epochs,
-                        }
-                    }
-                    if shared.stopped() {
-                        break 'epochs;
-                    }
-                    let count = items.len() as u64;
-                    let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-                    peak.fetch_max(now, Ordering::SeqCst);
-                    if feed_tx.send(Chunk { seq, items, skipped: Vec::new(), batched: None }).is_err() {
-                        break 'epochs;
-                    }
-                    seq += 1;
-                    emitted += count;
-                }
-            }
-        });
-    }
+    let feeder = Feeder {
+        source_id: source_info.id.clone(),
+        len,
+        opts: src_opts,
+        seed,
+        first_epoch,
+        epochs,
+        total,
+        chunk,
+        shared: shared.clone(),
+        in_flight: in_flight.clone(),
+        peak: peak.clone(),
+        tokens: token_rx,
+        out: feed_tx,
+    };
+    spawn(&mut handles, &shared, "feeder", move || feeder.run());
 
     let on_error = src_opts.on_error;
     let n_segments = segments.len();
@@ -491,57 +421,6 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
     })
 }
 
-/// How many samples a run of the chain delivers, from which epoch.
-struct EpochPlan {
-    /// Items in the source.
-    len: u64,
-    first_epoch: u32,
-    /// One past the last epoch.
-    epochs: u32,
-    /// Samples the run delivers.
-    total: u64,
-}
-
-/// The run's epochs and sample count; refuses a run whose epochs give the sink no batch.
-fn epoch_plan(
-    source: &dyn Source,
-    batch: Option<&(StageInfo, Box<dyn Batcher>)>,
-    sink: &dyn Sink,
-    source_info: &StageInfo,
-    sink_info: &StageInfo,
-    opts: &RunOptions,
-) -> Result<EpochPlan, RunError> {
-    let len = source.len();
-    let per_epoch = epoch_len(len, &source.options());
-    let epochs = match (opts.epochs, opts.max_samples) {
-        (Some(e), _) => e,
-        (None, Some(m)) if per_epoch > 0 => u32::try_from(m.div_ceil(per_epoch)).unwrap_or(u32::MAX),
-        (None, Some(_)) => 0,
-        (None, None) => sink.epochs(),
-    };
-    if let Some((binfo, b)) = batch {
-        if epochs > 0 && opts.max_samples.is_none() && b.batches(per_epoch) == Some(0) {
-            return Err(RunError::Refused {
-                stage: binfo.id.clone(),
-                kind: binfo.kind.clone(),
-                message: format!(
-                    "{}, so '{}' ({}) would get nothing (source '{}': {len} items)",
-                    b.explain_empty(per_epoch),
-                    sink_info.id,
-                    sink_info.kind,
-                    source_info.id
-                ),
-            });
-        }
-    }
-    // A resumed sink starts later; epochs keep their absolute numbers (they key the randomness).
-    let first_epoch = sink.start_epoch().min(epochs);
-    // Saturating: an open-ended run (the Python iterator) asks for u32::MAX epochs.
-    let total =
-        per_epoch.saturating_mul(u64::from(epochs - first_epoch)).min(opts.max_samples.unwrap_or(u64::MAX));
-    Ok(EpochPlan { len, first_epoch, epochs, total })
-}
-
 /// The per-sample stages grouped into segments (consecutive stages fused into one worker loop
 /// unless `fuse` is off or a stage asks for its own `workers`/`capacity`), and each segment's
 /// worker count (explicit, else an equal share of `threads`).
@@ -599,6 +478,71 @@ fn worker_batchers(
             .worker_batch_size()
             .and_then(|n| (0..last_workers).map(|_| b.fork()).collect::<Option<Vec<_>>>().map(|f| (n, f))),
         _ => None,
+    }
+}
+
+/// The feeder thread: each epoch's order (limit, shard, shuffle) cut into chunks of `chunk`
+/// samples, each sent once a token is free (at most the window's chunks exist at once), until
+/// `total` samples or a stop.
+struct Feeder {
+    source_id: String,
+    len: u64,
+    opts: SourceOptions,
+    seed: u64,
+    first_epoch: u32,
+    epochs: u32,
+    total: u64,
+    chunk: usize,
+    shared: Arc<Shared>,
+    in_flight: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+    tokens: Receiver<()>,
+    out: Sender<Chunk>,
+}
+
+impl Feeder {
+    fn run(self) {
+        let mut seq = 0u64;
+        let mut emitted = 0u64;
+        'epochs: for epoch in self.first_epoch..self.epochs {
+            let mut order = epoch_order(self.len, &self.opts, self.seed, epoch, &self.source_id);
+            loop {
+                let room = self.total - emitted;
+                if room == 0 {
+                    break 'epochs;
+                }
+                let take = self.chunk.min(usize::try_from(room).unwrap_or(usize::MAX));
+                let items: Vec<Sample> = order
+                    .by_ref()
+                    .take(take)
+                    .map(|index| Sample { index, epoch, ..Sample::default() })
+                    .collect();
+                if items.is_empty() {
+                    break;
+                }
+                // Wait for a token, but not past a stop: a worker that stops drops its
+                // chunk (and so its token), and a worker still waiting for input only
+                // returns once this feeder has gone.
+                loop {
+                    match self.tokens.recv_timeout(Duration::from_millis(20)) {
+                        Ok(()) => break,
+                        Err(RecvTimeoutError::Timeout) if !self.shared.stopped() => {}
+                        Err(_) => break 'epochs,
+                    }
+                }
+                if self.shared.stopped() {
+                    break 'epochs;
+                }
+                let count = items.len() as u64;
+                let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                self.peak.fetch_max(now, Ordering::SeqCst);
+                if self.out.send(Chunk { seq, items, skipped: Vec::new(), batched: None }).is_err() {
+                    break 'epochs;
+                }
+                seq += 1;
+                emitted += count;
+            }
+        }
     }
 }
 

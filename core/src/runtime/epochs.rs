@@ -1,0 +1,100 @@
+//! Which samples a run delivers: each epoch's order (limit, shard, shuffle) and how many
+//! epochs and samples a chain runs.
+
+use rand::seq::SliceRandom;
+
+use crate::error::RunError;
+use crate::rng::{stage_key, StreamKey};
+use crate::stage::{Batcher, Sink, Source, SourceOptions};
+
+use super::{RunOptions, StageInfo};
+
+/// Items one epoch yields after `limit` and sharding (without listing them).
+pub fn epoch_len(len: u64, opts: &SourceOptions) -> u64 {
+    let n = opts.limit.map_or(len, |l| l.min(len));
+    match opts.shard {
+        Some(s) if s.count > 0 => {
+            if s.index >= n {
+                0
+            } else {
+                (n - s.index).div_ceil(s.count)
+            }
+        }
+        _ => n,
+    }
+}
+
+/// The order of dataset indices for one epoch: limit, shard, then shuffle. Unshuffled orders
+/// are generated lazily, so a huge `counter` costs no memory.
+pub fn epoch_order(
+    len: u64,
+    opts: &SourceOptions,
+    seed: u64,
+    epoch: u32,
+    source_id: &str,
+) -> Box<dyn Iterator<Item = u64> + Send> {
+    let n = opts.limit.map_or(len, |l| l.min(len));
+    let (start, step) = match opts.shard {
+        Some(s) if s.count > 0 => (s.index, s.count),
+        _ => (0, 1),
+    };
+    let range = (start..n).step_by(usize::try_from(step).unwrap_or(usize::MAX));
+    if !opts.shuffle {
+        return Box::new(range);
+    }
+    let mut order: Vec<u64> = range.collect();
+    let mut rng = StreamKey { seed, epoch, index: u64::MAX, view: 0, stage: stage_key(source_id) }.rng();
+    order.shuffle(&mut rng);
+    Box::new(order.into_iter())
+}
+
+/// How many samples a run of the chain delivers, from which epoch.
+pub(super) struct EpochPlan {
+    /// Items in the source.
+    pub(super) len: u64,
+    pub(super) first_epoch: u32,
+    /// One past the last epoch.
+    pub(super) epochs: u32,
+    /// Samples the run delivers.
+    pub(super) total: u64,
+}
+
+/// The run's epochs and sample count; refuses a run whose epochs give the sink no batch.
+pub(super) fn epoch_plan(
+    source: &dyn Source,
+    batch: Option<&(StageInfo, Box<dyn Batcher>)>,
+    sink: &dyn Sink,
+    source_info: &StageInfo,
+    sink_info: &StageInfo,
+    opts: &RunOptions,
+) -> Result<EpochPlan, RunError> {
+    let len = source.len();
+    let per_epoch = epoch_len(len, &source.options());
+    let epochs = match (opts.epochs, opts.max_samples) {
+        (Some(e), _) => e,
+        (None, Some(m)) if per_epoch > 0 => u32::try_from(m.div_ceil(per_epoch)).unwrap_or(u32::MAX),
+        (None, Some(_)) => 0,
+        (None, None) => sink.epochs(),
+    };
+    if let Some((binfo, b)) = batch {
+        if epochs > 0 && opts.max_samples.is_none() && b.batches(per_epoch) == Some(0) {
+            return Err(RunError::Refused {
+                stage: binfo.id.clone(),
+                kind: binfo.kind.clone(),
+                message: format!(
+                    "{}, so '{}' ({}) would get nothing (source '{}': {len} items)",
+                    b.explain_empty(per_epoch),
+                    sink_info.id,
+                    sink_info.kind,
+                    source_info.id
+                ),
+            });
+        }
+    }
+    // A resumed sink starts later; epochs keep their absolute numbers (they key the randomness).
+    let first_epoch = sink.start_epoch().min(epochs);
+    // Saturating: an open-ended run (the Python iterator) asks for u32::MAX epochs.
+    let total =
+        per_epoch.saturating_mul(u64::from(epochs - first_epoch)).min(opts.max_samples.unwrap_or(u64::MAX));
+    Ok(EpochPlan { len, first_epoch, epochs, total })
+}
