@@ -59,14 +59,8 @@ pub fn bench(
         return Err(Failure::Invalid("the pipeline has no source stage to measure".into()));
     };
     // The table (print_report) lists skipped samples itself; JSON output lists them here.
-    for s in r.skipped.iter().filter(|_| json) {
-        eprintln!(
-            "skipped sample {} ({}) at stage '{}': {}",
-            s.index,
-            s.name.as_deref().unwrap_or("-"),
-            s.stage,
-            s.message
-        );
+    if json {
+        crate::run_cmd::print_skipped(&r);
     }
     if json {
         let mut v = serde_json::json!({

@@ -24,17 +24,10 @@ pub fn run_in(plan: &Plan, common: &Common, dir: PathBuf, resume: bool) -> Resul
     if !resume {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
-        let header = format!(
-            "The pipeline this run ran, resolved: {} with its overrides applied, every stage's\n\
-             defaults written out and paths made absolute (simclr {}, {} UTC).\n\
-             Rerun it from anywhere: simclr run {}",
-            plan.spec.file.display(),
-            env!("CARGO_PKG_VERSION"),
-            simclr_core::run_dir::timestamp(),
-            dir.join(simclr_core::run_dir::PIPELINE_FILE).display()
-        );
-        let text = simclr_core::run_dir::to_yaml(&resolved(plan), &header);
-        std::fs::write(dir.join(simclr_core::run_dir::PIPELINE_FILE), text)
+        let mut registry = crate::load::registry();
+        let _ = crate::load::load_plugins(&plan.spec, &mut registry);
+        let producer = concat!("simclr ", env!("CARGO_PKG_VERSION"));
+        simclr_core::run_dir::write_pipeline(&dir, plan, &registry, producer)
             .with_context(|| format!("cannot write into {}", dir.display()))?;
     }
     let reports = match with_progress(&opts, || run_plan(plan, &opts, Mode::Full)) {
@@ -188,7 +181,8 @@ fn json_diff(then: &serde_json::Value, now: &serde_json::Value, at: &str, out: &
     }
 }
 
-pub fn print_report(r: &RunReport) {
+/// One stderr line per sample a source's `on_error: skip` dropped.
+pub fn print_skipped(r: &RunReport) {
     for s in &r.skipped {
         eprintln!(
             "skipped sample {} ({}) at stage '{}': {}",
@@ -198,6 +192,10 @@ pub fn print_report(r: &RunReport) {
             s.message
         );
     }
+}
+
+pub fn print_report(r: &RunReport) {
+    print_skipped(r);
     println!(
         "{} samples in {:.2} s ({:.0} samples/s){}",
         r.samples,

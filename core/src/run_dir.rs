@@ -115,6 +115,27 @@ pub fn resolved_pipeline(plan: &crate::Plan, registry: &crate::Registry) -> serd
     doc
 }
 
+/// Writes `RUN_DIR/pipeline.yaml`: the resolved pipeline of `plan` (see
+/// [`resolved_pipeline`]) under a header saying what produced it (`producer`, e.g.
+/// `simclr 0.1.0`) and how to run it again.
+pub fn write_pipeline(
+    dir: &std::path::Path,
+    plan: &crate::Plan,
+    registry: &crate::Registry,
+    producer: &str,
+) -> std::io::Result<()> {
+    let path = dir.join(PIPELINE_FILE);
+    let header = format!(
+        "The pipeline this run ran, resolved: {} with its overrides applied, every stage's\n\
+         defaults written out and paths made absolute ({producer}, {} UTC).\n\
+         Rerun it from anywhere: simclr run {}",
+        plan.spec.file.display(),
+        timestamp(),
+        path.display()
+    );
+    std::fs::write(&path, to_yaml(&resolved_pipeline(plan, registry), &header))
+}
+
 /// Writes a pipeline document as block YAML: top-level keys one per line, each stage one line
 /// as a flow mapping (`id` and `kind` first). Strings are plain where that reads back as the
 /// same string, else double-quoted with JSON escapes (valid YAML); numbers keep serde_json's

@@ -41,18 +41,8 @@ pub fn run<'py>(
     let mut registry = crate::registry();
     let search = std::env::var_os(simclr_core::plugin::SEARCH_PATH_VAR);
     let _ = simclr_core::plugin::load_spec_plugins(&plan.spec, &mut registry, search.as_deref());
-    let header = format!(
-        "The pipeline this run ran, resolved: {} with its overrides applied, every stage's\n\
-         defaults written out and paths made absolute (simclr_pipeline {}, {} UTC).\n\
-         Rerun it from anywhere: simclr run {}",
-        plan.spec.file.display(),
-        env!("CARGO_PKG_VERSION"),
-        simclr_core::run_dir::timestamp(),
-        dir.join(simclr_core::run_dir::PIPELINE_FILE).display()
-    );
-    let resolved =
-        simclr_core::run_dir::to_yaml(&simclr_core::run_dir::resolved_pipeline(&plan, &registry), &header);
-    std::fs::write(dir.join(simclr_core::run_dir::PIPELINE_FILE), resolved)
+    let producer = concat!("simclr_pipeline ", env!("CARGO_PKG_VERSION"));
+    simclr_core::run_dir::write_pipeline(&dir, &plan, &registry, producer)
         .map_err(|e| io("write into", e))?;
 
     let threads = threads.unwrap_or_else(simclr_core::runtime::default_threads).max(1);
