@@ -140,6 +140,21 @@ enum Command {
         #[arg(long = "plugin", value_name = "LIB")]
         plugins: Vec<String>,
     },
+    /// Check a training device against the CPU: a small SimCLR model trained a few steps on
+    /// DEVICE and on the CPU from the same weights and batches, loss, gradients and weights
+    /// compared. Exit 0 when they agree within the tolerance (f32 1e-2, TF32 on CUDA 2e-2), 1
+    /// when not or when the device cannot be used (the reason is printed).
+    Selftest {
+        /// `cuda`, `cuda:N`, `wgpu`, `wgpu:N`, `wgpu:cpu` (or `cpu`, which must agree exactly).
+        #[arg(long)]
+        device: String,
+        /// Training steps compared (each from identical weights).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Plugin libraries (more stage kinds): `simclr plugins inspect LIB`.
     Plugins {
         #[command(subcommand)]
@@ -158,7 +173,8 @@ pub fn main() -> i32 {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SIMCLR_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // cubecl logs every kernel it autotunes at info level: noise for a user.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,cubecl_runtime=warn")),
         )
         .with_writer(std::io::stderr)
         // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org): logs
@@ -274,5 +290,6 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Plugins { command } => plugins_cmd::run(command).map_err(Failure::Invalid),
+        Command::Selftest { device, steps, json } => crate::selftest_cmd::run(&device, steps, json),
     }
 }

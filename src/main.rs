@@ -13,6 +13,7 @@ mod plugins_cmd;
 mod render;
 mod report;
 mod run_cmd;
+mod selftest_cmd;
 mod signals;
 mod sweep_cmd;
 mod train_bench;

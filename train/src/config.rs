@@ -222,7 +222,9 @@ pub struct SimclrTrain {
     /// first epoch's warmup exact (default: counted).
     #[serde(default)]
     pub steps_per_epoch: Option<u64>,
-    /// `cpu | cuda | cuda:N` (default cpu).
+    /// `cpu | cuda | cuda:N | wgpu | wgpu:N | wgpu:cpu` (default cpu). `cuda` and `wgpu` need
+    /// a build with that feature; `wgpu` is the best adapter (a discrete GPU first), `wgpu:cpu`
+    /// the CPU's (lavapipe, for tests). `simclr selftest --device D` checks one against the CPU.
     #[serde(default = "cpu")]
     pub device: String,
     /// Write one metrics line every this many steps (epoch lines always; default 1).
@@ -322,36 +324,7 @@ fn cpu() -> String {
     "cpu".to_string()
 }
 
-/// Where the model runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeviceSpec {
-    Cpu,
-    Cuda(usize),
-}
-
-impl DeviceSpec {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        match s {
-            "cpu" => Ok(DeviceSpec::Cpu),
-            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
-            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(i)) => Ok(DeviceSpec::Cuda(i)),
-                _ => Err(format!("unknown device `{s}`")),
-            },
-        }
-    }
-}
-
-/// Whether this build has the CUDA backend.
-pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
-
-/// The message for `device: cuda` in a build without it.
-pub fn no_cuda_message() -> String {
-    "this build of simclr has no CUDA backend: rebuild with the `cuda` feature of simclr-train \
-     (e.g. `cargo build --release --features simclr-train/cuda`), or use `device: cpu`"
-        .to_string()
-}
+pub use crate::device::DeviceSpec;
 
 impl SimclrTrain {
     /// Channels of the first stage: 64 x width, at least 1.
@@ -404,11 +377,12 @@ impl SimclrTrain {
             out.push(Problem::new("log_every", "`log_every` must be at least 1", "e.g. `log_every: 10`"));
         }
         match DeviceSpec::parse(&self.device) {
-            Err(e) => out.push(Problem::new("device", e, "use `cpu`, `cuda` or `cuda:N`")),
-            Ok(DeviceSpec::Cuda(_)) if !CUDA_BUILT => {
-                out.push(Problem::new("device", no_cuda_message(), "or set `device: cpu`"))
+            Err(e) => out.push(Problem::new("device", e, crate::device::DEVICE_HINT)),
+            Ok(d) => {
+                if let Err(e) = d.check_built() {
+                    out.push(Problem::new("device", e, "or set `device: cpu`"))
+                }
             }
-            Ok(_) => {}
         }
         let h = &self.head;
         if h.kind == HeadKind::Nonlinear && h.layers < 2 {
@@ -495,13 +469,14 @@ mod tests {
     }
 
     #[test]
-    fn devices_parse_and_cuda_needs_the_feature() {
-        assert_eq!(DeviceSpec::parse("cpu"), Ok(DeviceSpec::Cpu));
-        assert_eq!(DeviceSpec::parse("cuda"), Ok(DeviceSpec::Cuda(0)));
-        assert_eq!(DeviceSpec::parse("cuda:3"), Ok(DeviceSpec::Cuda(3)));
-        assert!(DeviceSpec::parse("tpu").is_err());
-        let c: SimclrTrain = serde_json::from_value(serde_json::json!({"device": "cuda:1"})).unwrap();
-        assert_eq!(c.problems().iter().any(|p| p.message.contains("no CUDA backend")), !CUDA_BUILT);
+    fn a_device_without_its_backend_is_a_config_problem() {
+        for (device, built) in [("cuda:1", cfg!(feature = "cuda")), ("wgpu", cfg!(feature = "wgpu"))] {
+            let c: SimclrTrain = serde_json::from_value(serde_json::json!({ "device": device })).unwrap();
+            let flagged = c.problems().iter().any(|p| p.message.contains("backend: rebuild"));
+            assert_eq!(flagged, !built, "{device}");
+        }
+        let c: SimclrTrain = serde_json::from_value(serde_json::json!({"device": "tpu"})).unwrap();
+        assert!(c.problems().iter().any(|p| p.message.contains("unknown device `tpu`")));
     }
 
     #[test]

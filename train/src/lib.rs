@@ -1,5 +1,6 @@
 //! simclr-train: the SimCLR training stage (`simclr_train`) on burn, generic over its backend:
-//! `flex` on the CPU, CUDA with the `cuda` feature, chosen at run time by `device:`.
+//! `flex` on the CPU, CUDA and wgpu with the `cuda` and `wgpu` features, chosen at run time by
+//! `device:` ([`device`]); [`selftest`] checks a device against the CPU.
 //!
 //! - [`model`]: ResNet-18/34/50 encoders (CIFAR or ImageNet stem, width multiplier) and the
 //!   projection head, with torchvision's parameter names.
@@ -12,12 +13,14 @@
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+pub mod device;
 pub mod eval;
 pub mod export;
 pub mod loss;
 mod metrics_log;
 pub mod model;
 pub mod optim;
+pub mod selftest;
 pub mod stage;
 pub mod trainer;
 

@@ -21,7 +21,8 @@ use super::features::{extract, Encode, EncoderArtifact};
 use super::fine_tune_run::{concat, keep_rows, probe_head, FineTuneRun};
 use super::linear::topk_accuracy;
 use super::subset::{self, Subset};
-use crate::config::{Backbone, DeviceSpec, OptimizerConfig, SimclrTrain, Stem};
+use crate::config::{Backbone, OptimizerConfig, SimclrTrain, Stem};
+use crate::device::{with_backend, DeviceInfo, DeviceSpec, OnBackend};
 use crate::export::{Data, NamedTensor};
 use crate::model::SimclrModel;
 use crate::optim::{base_lr, first_epoch_lr, Optimizer, Schedule};
@@ -306,39 +307,20 @@ impl<B: AutodiffBackend> LabeledEngine for SupTrainer<B> {
 }
 
 pub(super) fn make_supervised(arch: &SimclrTrain, seed: u64) -> Result<Box<dyn LabeledEngine>, String> {
-    match DeviceSpec::parse(&arch.device)? {
-        DeviceSpec::Cpu => {
-            type B = burn::backend::Autodiff<burn::backend::Flex>;
-            let device = Default::default();
-            <B as burn::tensor::backend::Backend>::seed(&device, seed);
-            Ok(Box::new(SupTrainer::<B> {
+    struct Make<'a>(&'a SimclrTrain, u64);
+    impl OnBackend for Make<'_> {
+        type Output = Box<dyn LabeledEngine>;
+        fn run<B: AutodiffBackend>(self, device: B::Device, _: &DeviceInfo) -> Box<dyn LabeledEngine> {
+            let Make(arch, seed) = self;
+            B::seed(&device, seed);
+            Box::new(SupTrainer::<B> {
                 model: Some(SimclrModel::new(arch, seed, &device)),
                 device,
                 opt: Optimizer::new(&arch.optimizer),
-            }))
+            })
         }
-        DeviceSpec::Cuda(index) => cuda_supervised(arch, seed, index),
     }
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_supervised(arch: &SimclrTrain, seed: u64, index: usize) -> Result<Box<dyn LabeledEngine>, String> {
-    type B = burn::backend::Autodiff<burn::backend::Cuda>;
-    catch_unwind(AssertUnwindSafe(|| {
-        let device = burn::backend::cuda::CudaDevice::new(index);
-        <B as burn::tensor::backend::Backend>::seed(&device, seed);
-        Box::new(SupTrainer::<B> {
-            model: Some(SimclrModel::new(arch, seed, &device)),
-            device,
-            opt: Optimizer::new(&arch.optimizer),
-        }) as Box<dyn LabeledEngine>
-    }))
-    .map_err(|_| format!("cannot use CUDA device {index}"))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_supervised(_arch: &SimclrTrain, _seed: u64, _index: usize) -> Result<Box<dyn LabeledEngine>, String> {
-    Err(crate::config::no_cuda_message())
+    with_backend(DeviceSpec::parse(&arch.device)?, Make(arch, seed))
 }
 
 impl StageConfig for SupervisedTrain {
