@@ -69,23 +69,39 @@ pub fn measure(plan: &Plan, opts: &RunOptions, steps: u64) -> Result<Option<serd
     let median = step_s[step_s.len() / 2];
     let wait: f64 = timed.iter().map(|v| field(v, "data_wait_s")).sum();
     let busy: f64 = step_s.iter().sum();
-    // Achieved GFLOP/s against the GEMM microkernel's own speed on every thread of the budget.
     let gflop = timed.first().map_or(0.0, |v| field(v, "gflop"));
-    let (kernel_gflops, kernel) = simclr_train::cpu::kernel_peak_gflops();
-    let cores = opts.threads.min(simclr_core::runtime::default_threads()).max(1);
     let gflops = gflop / median.max(1e-12);
-    let peak = kernel_gflops * cores as f64;
-    Ok(Some(serde_json::json!({
+    let sink = chain.sink.map(|s| &plan.stages[s]);
+    let device = sink
+        .and_then(|s| s.fields.value.get("device"))
+        .and_then(|n| match &n.value {
+            Node::Str(d) => Some(d.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| "cpu".to_string());
+    let mut out = serde_json::json!({
         "steps": timed.len(),
         "pairs_per_batch": batch_size,
+        "device": device,
         "step_s_median": median,
         "images_per_s": 2.0 * batch_size as f64 / median.max(1e-12),
         "data_wait_frac": wait / (wait + busy).max(1e-12),
         "gflop_per_step": gflop,
         "gflops": gflops,
-        "peak_gflops": peak,
-        "peak_frac": gflops / peak.max(1e-12),
-        "kernel": kernel,
+        "peak_gflops": null,
+        "peak_frac": null,
+        "kernel": null,
         "step_s": step_s,
-    })))
+    });
+    // On the CPU: achieved GFLOP/s against the GEMM microkernel's own speed on every thread of
+    // the budget. A GPU's peak is not known from here (scripts/gpu-check.sh has a table).
+    if device == "cpu" {
+        let (kernel_gflops, kernel) = simclr_train::cpu::kernel_peak_gflops();
+        let cores = opts.threads.min(simclr_core::runtime::default_threads()).max(1);
+        let peak = kernel_gflops * cores as f64;
+        out["peak_gflops"] = peak.into();
+        out["peak_frac"] = (gflops / peak.max(1e-12)).into();
+        out["kernel"] = kernel.into();
+    }
+    Ok(Some(out))
 }
