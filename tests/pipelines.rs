@@ -56,6 +56,10 @@ fn fixture_sets(file: &Path, jpeg: &Path, cifar: &Path) -> Vec<String> {
         .filter_map(|s| match s.kind.value.as_str() {
             "image_folder" => Some(format!("{}.path={}", s.id.value, jpeg.display())),
             "cifar10" => Some(format!("{}.path={}", s.id.value, cifar.display())),
+            // The GPU benchmarks (scripts/gpu-check.sh) train on `cuda`; here on the CPU.
+            "simclr_train" if s.config.value.get("device").is_some() => {
+                Some(format!("{}.device=cpu", s.id.value))
+            }
             _ => None,
         })
         .collect()

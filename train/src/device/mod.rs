@@ -83,7 +83,7 @@ impl fmt::Display for DeviceSpec {
 fn missing_backend(name: &str, feature: &str) -> String {
     format!(
         "this build of simclr has no {name} backend: rebuild with the `{feature}` feature \
-         (`cargo build --release --features {feature}`), or use `device: cpu`"
+         (`cargo build --release --features {feature}`)"
     )
 }
 
