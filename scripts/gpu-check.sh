@@ -4,8 +4,8 @@
 #
 #   scripts/gpu-check.sh [BINARY]        (default: target/release/simclr)
 #
-# BINARY is built elsewhere and carried over (train/README.md, "GPUs"):
-#   CUDARC_CUDA_VERSION=13000 cargo build --release --features cuda
+# BINARY is built elsewhere and carried over (train/README.md, "Devices and GPUs"):
+#   CUDARC_CUDA_VERSION=13000 cargo build --release --features cuda && strip target/release/simclr
 # Parts (each under its own time limit; a failing part is recorded and the others still run):
 #   1. simclr selftest --device cuda --json: a few SimCLR steps on the GPU and on the CPU from the
 #      same weights and batches; gradients, weights and losses compared (TF32 tolerance)
@@ -15,8 +15,8 @@
 #   4. the whole ImageNet recipe on all cores from synthetic JPEGs (scripts/make_jpegs.py, numpy +
 #      Pillow) feeding ResNet-50 on the GPU: data_wait_frac
 # Output: $OUT (default gpu-check-out/): gpu-check.json (everything), gpu-check.md (the table,
-# also printed), logs/. About 5-8 minutes on an H100/H200 (kernel compilation and autotuning
-# take most of the first steps).
+# also printed), logs/. At most GPU_CHECK_BUDGET_S (450 s) in all; kernel compilation and
+# autotuning take most of the first steps.
 #
 # Environment: GPU_CHECK_DEVICE (default cuda; `cpu` with GPU_CHECK_QUICK=1 is the dry run that
 # exercises every part on a CPU with small batches), GPU_PEAK_TFLOPS (dense TF32 peak, when the
@@ -53,8 +53,16 @@ fi
 } > "$OUT/machine.txt" 2>&1
 say "machine: $(tr '\n' ';' < "$OUT/machine.txt")"
 
+# The whole run stays under GPU_CHECK_BUDGET_S (default 450 s): each part gets its own limit or
+# what is left, whichever is less, and a part with under 10 s left is skipped (exit 124).
+DEADLINE=$(( START + ${GPU_CHECK_BUDGET_S:-450} ))
 part() { # NAME LIMIT_S OUTFILE -- command...
   local name=$1 limit=$2 out=$3; shift 4
+  local left=$(( DEADLINE - $(date +%s) ))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then
+    say "$name: skipped, the time budget is spent"; echo "124 0" > "$LOG/$name.rc"; return 124
+  fi
   say "$name ..."
   local t0; t0=$(date +%s)
   timeout --kill-after=10 "$limit" "$@" > "$out" 2> "$LOG/$name.log"
@@ -66,13 +74,13 @@ part() { # NAME LIMIT_S OUTFILE -- command...
 }
 
 # 1. Correctness first: compiling and autotuning every kernel once is most of its time.
-part selftest 180 "$OUT/selftest.json" -- \
+part selftest 150 "$OUT/selftest.json" -- \
   env CUBECL_AUTOTUNE_LEVEL="${CUBECL_AUTOTUNE_LEVEL:-minimal}" "$BIN" selftest --device "$DEVICE" --steps 3 --json
 
 # 2. Training steps fed by the pipeline, default autotuning (the first, untimed step tunes).
-part simclr-resnet18 150 "$OUT/simclr-resnet18.json" -- "$BIN" bench pipelines/bench/gpu-resnet18-cifar.yaml \
+part simclr-resnet18 120 "$OUT/simclr-resnet18.json" -- "$BIN" bench pipelines/bench/gpu-resnet18-cifar.yaml \
   --set "train.device=$DEVICE" "${R18[@]}" --train-steps "$STEPS" --threads "$THREADS" --json
-part simclr-resnet50 150 "$OUT/simclr-resnet50.json" -- "$BIN" bench pipelines/bench/gpu-resnet50.yaml \
+part simclr-resnet50 120 "$OUT/simclr-resnet50.json" -- "$BIN" bench pipelines/bench/gpu-resnet50.yaml \
   --set "train.device=$DEVICE" "${R50[@]}" --train-steps "$STEPS" --threads "$THREADS" --json
 
 # 3. PyTorch, the same steps.
@@ -87,8 +95,8 @@ fi
 
 # 4. JPEGs on every core feeding the GPU.
 JDIR="$OUT/jpeg"
-if [ -f "$JDIR/.done-$NJPEG" ] || { part make-jpegs 120 /dev/null -- "$PY" scripts/make_jpegs.py "$JDIR" --count "$NJPEG" && touch "$JDIR/.done-$NJPEG"; }; then
-  part simclr-jpeg 150 "$OUT/simclr-jpeg.json" -- "$BIN" bench pipelines/bench/gpu-imagenet-jpeg.yaml \
+if [ -f "$JDIR/.done-$NJPEG" ] || { part make-jpegs 60 /dev/null -- "$PY" scripts/make_jpegs.py "$JDIR" --count "$NJPEG" && touch "$JDIR/.done-$NJPEG"; }; then
+  part simclr-jpeg 120 "$OUT/simclr-jpeg.json" -- "$BIN" bench pipelines/bench/gpu-imagenet-jpeg.yaml \
     --set "data.path=$(cd "$JDIR" && pwd)" --set "train.device=$DEVICE" "${JPEG[@]}" --train-steps "$STEPS" \
     --threads "$THREADS" --json
 fi
@@ -100,10 +108,15 @@ out, device, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 def load(name):
     p = os.path.join(out, name + ".json")
     try:
-        with open(p) as f:
-            return json.loads(f.read().strip().splitlines()[-1])
-    except Exception:
+        text = open(p).read().strip()
+    except OSError:
         return None
+    for doc in (text, text.splitlines()[-1] if text else ""):  # one object, or JSON as the last line
+        try:
+            return json.loads(doc)
+        except ValueError:
+            pass
+    return None
 def status(name):
     try:
         rc, s = open(os.path.join(out, "logs", name + ".rc")).read().split()
