@@ -24,7 +24,23 @@ pub use simclr_core::run_dir::timestamp;
 fn main() {
     restore_sigpipe();
     tune_malloc();
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(simclr_core::plugin::isolate::HOST_ARG) {
+        std::process::exit(plugin_host(&args[2..]));
+    }
     std::process::exit(cli::main());
+}
+
+/// The helper process of an isolated plugin (`plugins: [{ path, isolate: process }]`): no core
+/// file when the plugin crashes it (the host reports the signal), then the helper loop.
+fn plugin_host(args: &[String]) -> i32 {
+    #[cfg(unix)]
+    // SAFETY: setrlimit only reads the struct passed; lowering RLIMIT_CORE to 0 is always allowed.
+    unsafe {
+        let none = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        libc::setrlimit(libc::RLIMIT_CORE, &none);
+    }
+    simclr_core::plugin::isolate::helper_main(args)
 }
 
 /// Rust ignores SIGPIPE, so `println!` to a closed pipe (`simclr bench ... | head -1`) panics.

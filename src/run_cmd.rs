@@ -93,7 +93,7 @@ fn resume_command(plan: &Plan, common: &Common, dir: &Path) -> String {
 }
 
 /// Fields that may differ between a run and its resumption (they do not change the results).
-const RESUME_FREE: [&str; 3] = ["device", "log_every", "checkpoint_every"];
+const RESUME_FREE: [&str; 4] = ["device", "log_every", "checkpoint_every", "checkpoint_every_steps"];
 
 /// The resolved form of `plan` (see `simclr_core::run_dir::resolved_pipeline`), with the
 /// built-in kinds and the file's plugins.
@@ -145,7 +145,7 @@ pub fn check_resume(plan: &Plan, file: &Path, dir: &Path) -> Result<(), Failure>
     let ckpt = dir.join(simclr_train::checkpoint::FILE);
     if !ckpt.is_file() {
         return Err(Failure::Invalid(format!(
-            "--resume {}: no {} there: the run stopped before its first checkpoint (the end of its first epoch), so there is nothing to resume; start it again without --resume",
+            "--resume {}: no {} there: the run stopped before its first checkpoint (the end of its first epoch, or its first `checkpoint_every_steps` steps), so there is nothing to resume; start it again without --resume",
             dir.display(),
             simclr_train::checkpoint::FILE
         )));

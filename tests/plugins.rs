@@ -156,7 +156,8 @@ fn plugin_pipelines_pass_the_schema_with_their_plugins() {
     let posterize = cc_plugin(dir.path(), "posterize", &source);
     for (lib, file) in [
         (motion_blur_plugin().to_path_buf(), "pipelines/plugin-motion-blur.yaml"),
-        (posterize, "pipelines/plugin-posterize.yaml"),
+        (posterize.clone(), "pipelines/plugin-posterize.yaml"),
+        (posterize, "pipelines/plugin-posterize-isolated.yaml"),
     ] {
         let out = simclr().arg("schema").arg("--plugin").arg(&lib).output().unwrap();
         assert!(out.status.success(), "{}", text(&out));
@@ -611,4 +612,111 @@ fn a_rust_panic_is_caught_at_the_boundary_and_stops_the_run_with_exit_1() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(2), "{t}");
     assert!(t.contains("rejected the config") && t.contains("panic in create, as asked"), "{t}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process isolation (`plugins: [{ path, isolate: process, timeout_s }]`).
+
+/// A pipeline in `dir` running `./lib<name>.so`'s kind isolated, on `count` shapes.
+fn isolated_pipeline(
+    dir: &Path,
+    lib: &str,
+    kind: &str,
+    timeout_s: f64,
+    on_error: &str,
+    count: u32,
+) -> PathBuf {
+    write(
+        dir,
+        "isolated.yaml",
+        &format!(
+            "name: isolated\nplugins:\n  - {{ path: ./{lib}, isolate: process, timeout_s: {timeout_s} }}\nstages:\n  - {{ id: data, kind: synthetic_shapes, count: {count}, size: 16, on_error: {on_error} }}\n  - {{ id: views, kind: views }}\n  - {{ id: bad, kind: {kind} }}\n  - {{ id: sink, kind: null }}\n"
+        ),
+    )
+}
+
+/// A C plugin that copies its input, except on views whose seed is a multiple of 5, where it
+/// does `crash`.
+fn crashing(crash: &'static str) -> CPlugin {
+    CPlugin { process: crash, ..CPlugin::default() }
+}
+
+#[test]
+fn an_isolated_plugin_that_segfaults_aborts_or_hangs_fails_the_run_naming_kind_sample_and_cause() {
+    require_cc!();
+    let cases: [(&str, &str, &str); 3] = [
+        ("segv", "if (seed % 5 == 0) { volatile int *p = NULL; *p = 1; }\n    memcpy(out->data, in->data, out->len); out->filled = out->len; return SIMCLR_OK;", "crashed with SIGSEGV"),
+        ("abort", "if (seed % 5 == 0) abort();\n    memcpy(out->data, in->data, out->len); out->filled = out->len; return SIMCLR_OK;", "crashed with SIGABRT"),
+        ("hang", "if (seed % 5 == 0) for (;;) {}\n    memcpy(out->data, in->data, out->len); out->filled = out->len; return SIMCLR_OK;", "did not return within timeout_s = 2 s"),
+    ];
+    for (name, process, cause) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut source = crashing(process).source();
+        source = source
+            .replace("#include \"simclr_plugin.h\"", "#include \"simclr_plugin.h\"\n#include <stdlib.h>");
+        cc_plugin(dir.path(), name, &source);
+        let file = isolated_pipeline(dir.path(), &lib_name(name), "bad_kind", 2.0, "fail", 200);
+        let t = std::time::Instant::now();
+        let out = simclr()
+            .current_dir(dir.path())
+            .arg("bench")
+            .arg(&file)
+            .args(["--threads", "2"])
+            .output()
+            .unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        let all = text(&out);
+        // The host is not the one that died: an exit code, not a signal.
+        assert_eq!(out.status.code(), Some(1), "{name}: {:?}\n{all}", out.status);
+        assert!(secs < 2.0 + 15.0, "{name}: took {secs:.1} s");
+        for want in [&lib_name(name), "kind 'bad_kind'", "isolated", "stage 'bad'", cause] {
+            assert!(all.contains(want), "{name}: missing {want:?} in:\n{all}");
+        }
+        assert!(all.contains("on sample "), "{name}: the sample is not named:\n{all}");
+        let cores: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("core"))
+            .collect();
+        assert!(cores.is_empty(), "{name}: a core file was written: {cores:?}");
+    }
+}
+
+#[test]
+fn an_isolated_plugin_crashing_on_some_samples_is_skipped_with_on_error_skip() {
+    require_cc!();
+    let dir = tempfile::tempdir().unwrap();
+    let process = "if (seed % 5 == 0) { volatile int *p = NULL; *p = 1; }\n    memcpy(out->data, in->data, out->len); out->filled = out->len; return SIMCLR_OK;";
+    cc_plugin(dir.path(), "segv", &crashing(process).source());
+    let file = isolated_pipeline(dir.path(), &lib_name("segv"), "bad_kind", 5.0, "skip", 60);
+    let out = simclr()
+        .arg("bench")
+        .arg(&file)
+        .args(["--threads", "2", "--json", "--samples", "60"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let skipped = v["skipped"].as_u64().unwrap();
+    let samples = v["samples"].as_u64().unwrap();
+    // Each sample has two views; one in 5 seeds crashes: most samples pass, some are skipped,
+    // and the helper was replaced after each crash.
+    assert!(
+        skipped > 0 && samples > 0 && samples + skipped == 60,
+        "samples {samples}, skipped {skipped}\n{v}"
+    );
+}
+
+#[test]
+fn isolated_and_in_process_plugins_give_the_same_bits() {
+    require_cc!();
+    let dir = tempfile::tempdir().unwrap();
+    let source = std::fs::read_to_string(root().join("plugins/examples/posterize/posterize.c")).unwrap();
+    cc_plugin(dir.path(), "posterize", &source);
+    let plain = root().join("pipelines/plugin-posterize.yaml");
+    let isolated = root().join("pipelines/plugin-posterize-isolated.yaml");
+    let a = bench_digest(&plain, dir.path(), &["--threads", "2", "--samples", "300"]);
+    let b = bench_digest(&isolated, dir.path(), &["--threads", "2", "--samples", "300"]);
+    assert_eq!(a["samples"], 300);
+    assert_eq!(a["digest"], b["digest"], "isolated and in-process digests differ");
 }

@@ -1,5 +1,6 @@
 //! Training through the real pipeline: it learns on `synthetic_shapes`, is deterministic, and a
-//! run stopped after an epoch and resumed gives the uninterrupted run's losses bit for bit.
+//! run stopped (Ctrl-C, SIGTERM, kill -9), mid-epoch or after an epoch, and resumed gives the
+//! uninterrupted run's losses and encoder bit for bit.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,16 +74,22 @@ fn training_lowers_the_loss_raises_contrast_acc_and_repeats_exactly() {
 }
 
 /// Passes batches on, and raises the interrupt flag after `after` of them (a Ctrl-C at a known
-/// point).
+/// point). With `tell`, passes the runtime's positions on too (as the real sink gets them).
 struct StopAfter {
     inner: Box<dyn Sink>,
     after: u32,
     flag: Arc<AtomicBool>,
+    tell: bool,
 }
 
 impl Sink for StopAfter {
     fn epochs(&self) -> u32 {
         self.inner.epochs()
+    }
+    fn position(&mut self, epoch: u32, consumed: u64) {
+        if self.tell {
+            self.inner.position(epoch, consumed);
+        }
     }
     fn consume(&mut self, sample: Sample) -> Result<(), StageError> {
         self.inner.consume(sample)?;
@@ -100,15 +107,15 @@ impl Sink for StopAfter {
     }
 }
 
-#[test]
-fn a_run_stopped_in_epoch_1_and_resumed_matches_the_uninterrupted_run() {
+/// Stops a 3-epoch run (4 steps an epoch) after 6 batches, then resumes it: from the end of
+/// epoch 0 when the sink is not told positions, else from step 6, half-way through epoch 1.
+fn stop_after_6_and_resume(tell: bool) {
     let t = Instant::now();
     // 64 samples, batches of 16: 4 steps an epoch, 3 epochs.
     let p = plan(&pipeline(64, 3));
     let whole = tempfile::tempdir().unwrap();
     run_plan(&p, &options(whole.path()), Mode::Full).unwrap();
 
-    // Stop after 6 batches: epoch 0 done (checkpointed), epoch 1 half done.
     let cut = tempfile::tempdir().unwrap();
     let mut opts = options(cut.path());
     opts.chunk = Some(16); // chunks end with batches: the flag stops right after batch 6
@@ -116,16 +123,24 @@ fn a_run_stopped_in_epoch_1_and_resumed_matches_the_uninterrupted_run() {
     let mut stages =
         build_chain(&p, &chain, Mode::Full, Some(cut.path()), &simclr_core::Artifacts::default()).unwrap();
     let inner = std::mem::replace(&mut stages.sink.1, Box::new(simclr_core::driver::Discard));
-    stages.sink.1 = Box::new(StopAfter { inner, after: 6, flag: opts.interrupt.clone() });
+    stages.sink.1 = Box::new(StopAfter { inner, after: 6, flag: opts.interrupt.clone(), tell });
     assert!(matches!(run_chain(stages, &opts), Err(RunError::Interrupted)));
     let ckpt = simclr_train::checkpoint::Checkpoint::read(cut.path()).unwrap();
-    assert_eq!((ckpt.meta.epochs_done, ckpt.meta.step), (1, 4), "the last completed epoch");
+    let m = &ckpt.meta;
+    if tell {
+        assert_eq!((m.epochs_done, m.step), (1, 6), "mid-epoch, at the last trained step");
+        let partial = m.partial.as_ref().unwrap();
+        assert_eq!((partial.consumed, partial.steps), (32, 2), "2 batches of 16 into epoch 1");
+    } else {
+        assert_eq!((m.epochs_done, m.step, m.partial.is_none()), (1, 4, true), "the last completed epoch");
+    }
     assert!(!cut.path().join("encoder.safetensors").exists());
 
     opts.interrupt = Arc::new(AtomicBool::new(false));
     opts.resume = true;
     let reports = run_plan(&p, &opts, Mode::Full).unwrap();
-    assert_eq!(reports[0].1.samples, 128, "epochs 1 and 2 only");
+    let rest = if tell { 96 } else { 128 };
+    assert_eq!(reports[0].1.samples, rest, "only the samples after the checkpoint are read");
 
     let (want, got) = (lines(whole.path(), "epoch"), lines(cut.path(), "epoch"));
     eprintln!(
@@ -140,6 +155,16 @@ fn a_run_stopped_in_epoch_1_and_resumed_matches_the_uninterrupted_run() {
     // Finished now: a second resume says so.
     let err = run_plan(&p, &opts, Mode::Full).unwrap_err().to_string();
     assert!(err.contains("already finished its 3 epochs") && err.contains("stage 'train'"), "{err}");
+}
+
+#[test]
+fn a_run_stopped_in_epoch_1_and_resumed_matches_the_uninterrupted_run() {
+    stop_after_6_and_resume(false);
+}
+
+#[test]
+fn a_run_stopped_mid_epoch_resumes_there_and_matches_the_uninterrupted_run() {
+    stop_after_6_and_resume(true);
 }
 
 fn simclr() -> std::process::Command {
@@ -173,8 +198,11 @@ fn ctrl_c_during_training_checkpoints_and_exits_130_and_resume_checks_its_inputs
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("--resume"), "{err}");
+    // Saved at the last trained step: `consumed` positions into epoch `epochs_done`.
     let meta = simclr_train::checkpoint::Checkpoint::read(&run).unwrap().meta;
-    assert!((1..50).contains(&meta.epochs_done) && meta.step == 4 * u64::from(meta.epochs_done), "{meta:?}");
+    let consumed = meta.partial.as_ref().map_or(0, |p| p.consumed);
+    assert!((1..50).contains(&meta.epochs_done), "{meta:?}");
+    assert_eq!(meta.step, 4 * u64::from(meta.epochs_done) + consumed / 16, "{meta:?}");
 
     // Another architecture: refused before anything runs.
     let out = simclr()
@@ -199,4 +227,73 @@ fn ctrl_c_during_training_checkpoints_and_exits_130_and_resume_checks_its_inputs
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("no checkpoint.safetensors") && err.contains("without --resume"), "{err}");
+}
+
+/// The checkpoint's metadata once the file exists and holds a mid-epoch position.
+fn mid_epoch_meta(run: &Path) -> Option<simclr_train::checkpoint::CheckpointMeta> {
+    let meta = simclr_train::checkpoint::Checkpoint::read(run).ok()?.meta;
+    meta.partial.as_ref().is_some_and(|p| p.consumed < 64).then_some(meta)
+}
+
+/// `kill -9` after a mid-epoch checkpoint (`checkpoint_every_steps`), or SIGTERM at any step;
+/// then `--resume`: the encoder and the step losses of the uninterrupted run.
+#[test]
+fn killed_or_terminated_mid_epoch_then_resumed_gives_the_same_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("learn.yaml");
+    // 64 samples in batches of 16: 4 steps an epoch, a checkpoint every 3 steps (mid-epoch).
+    std::fs::write(&file, pipeline(64, 6) + "    checkpoint_every_steps: 3\n").unwrap();
+    let run = |out: &Path, extra: &[&str]| {
+        simclr()
+            .args(["run", "--threads", "2", "--out"])
+            .arg(out)
+            .arg(&file)
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let whole = dir.path().join("whole");
+    let out = run(&whole, &[]).wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    for signal in ["KILL", "TERM"] {
+        let cut = dir.path().join(signal);
+        let mut child = run(&cut, &[]);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let meta = loop {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "{signal}: the run ended before a mid-epoch checkpoint"
+            );
+            if let Some(m) = mid_epoch_meta(&cut) {
+                break m;
+            }
+            assert!(Instant::now() < deadline, "{signal}: no mid-epoch checkpoint");
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let _ = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        if signal == "KILL" {
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(out.status.signal(), Some(9), "{signal}: {meta:?} {err}");
+            assert!(!cut.join("encoder.safetensors").exists(), "killed before the end");
+        } else {
+            assert_eq!(out.status.code(), Some(143), "{err}");
+            assert!(err.contains(&format!("--resume {}", cut.display())), "{err}");
+            let m = simclr_train::checkpoint::Checkpoint::read(&cut).unwrap().meta;
+            assert!(m.partial.is_some() && m.step >= meta.step, "saved at the last step: {m:?}");
+        }
+        let out = simclr().arg("run").arg(&file).arg("--resume").arg(&cut).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{signal}: resume: {err}");
+        let enc = |d: &Path| std::fs::read(d.join("encoder.safetensors")).unwrap();
+        assert!(enc(&cut) == enc(&whole), "{signal}: the resumed encoder differs (checkpoint {meta:?})");
+        assert_eq!(lines(&cut, "step"), lines(&whole, "step"), "{signal}: step lines, bit for bit");
+        assert_eq!(lines(&cut, "epoch"), lines(&whole, "epoch"), "{signal}: epoch lines");
+    }
 }

@@ -27,12 +27,23 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
     let mut tmp_name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     tmp_name.push(".tmp");
     let tmp = path.with_file_name(tmp_name);
-    {
+    let written = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        f.sync_all()
+    })();
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        // A full disk: do not leave a partial temporary file taking the space (the previous
+        // file is untouched).
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, path)
+    // The rename reaches the disk with the directory (best effort: not every filesystem can
+    // sync a directory).
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
 }
 
 /// The default run directory of a pipeline named `name`: `runs/<name>/<timestamp>`.
@@ -82,8 +93,14 @@ pub fn resolved_pipeline(plan: &crate::Plan, registry: &crate::Registry) -> serd
     top.insert("seed".into(), Value::from(plan.spec.seed));
     if let Some(Value::Array(plugins)) = top.get_mut("plugins") {
         for p in plugins.iter_mut() {
-            if let Some(s) = p.as_str().filter(|s| s.contains('/')) {
-                *p = Value::String(absolute(s));
+            let path = match p {
+                Value::Object(entry) => entry.get_mut("path"),
+                other => Some(other),
+            };
+            if let Some(p) = path {
+                if let Some(s) = p.as_str().filter(|s| s.contains('/')) {
+                    *p = Value::String(absolute(s));
+                }
             }
         }
     }
@@ -216,6 +233,24 @@ fn scalar_string(s: &str) -> String {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A full disk (the temporary file is /dev/full): the error says so, the previous file is
+    /// whole and no temporary file is left behind.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_full_disk_keeps_the_previous_file_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.safetensors");
+        write_atomic(&path, b"first").unwrap();
+        let tmp = dir.path().join("checkpoint.safetensors.tmp");
+        std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
+        let e = write_atomic(&path, b"second, longer").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::StorageFull, "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        assert!(std::fs::symlink_metadata(&tmp).is_err(), "the temporary file was left");
+        write_atomic(&path, b"third").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"third");
+    }
 
     fn json_value() -> impl Strategy<Value = serde_json::Value> {
         let leaf = prop_oneof![

@@ -26,13 +26,27 @@ pub struct StageSpec {
     pub pos: Pos,
 }
 
+/// One entry of `plugins:`: a library path (or bare name), loaded in-process unless isolated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PluginEntry {
+    pub path: String,
+    /// `isolate: process`: the plugin's stages run in helper processes, so that a crash or a
+    /// hang fails (or skips) one sample instead of killing the run.
+    pub isolate: bool,
+    /// Longest a call of an isolated plugin may take (seconds).
+    pub timeout_s: f64,
+}
+
+/// The default `timeout_s` of an isolated plugin.
+pub const PLUGIN_TIMEOUT_S: f64 = 10.0;
+
 /// A pipeline file, parsed but not yet checked against the registry.
 #[derive(Clone, Debug)]
 pub struct PipelineSpec {
     pub file: PathBuf,
     pub name: String,
     pub seed: u64,
-    pub plugins: Vec<Spanned<String>>,
+    pub plugins: Vec<Spanned<PluginEntry>>,
     pub stages: Vec<StageSpec>,
     pub sweep: Option<Spanned<Node>>,
     /// Run consecutive per-sample stages in one worker loop (same output, less overhead).
@@ -214,13 +228,21 @@ pub fn from_doc(file: &Path, doc: Spanned<Node>, diags: &mut Diagnostics) -> Pip
                 Node::Seq(items) => {
                     for item in items {
                         match &item.value {
-                            Node::Str(s) => spec.plugins.push(Spanned::new(s.clone(), item.pos)),
+                            Node::Str(s) => spec.plugins.push(Spanned::new(
+                                PluginEntry { path: s.clone(), isolate: false, timeout_s: PLUGIN_TIMEOUT_S },
+                                item.pos,
+                            )),
+                            Node::Map(fields) => {
+                                if let Some(e) = plugin_entry(fields, item.pos, &d, diags) {
+                                    spec.plugins.push(Spanned::new(e, item.pos));
+                                }
+                            }
                             other => diags.push(
                                 d(
                                     item.pos,
                                     format!("a plugin is a library path, found {}", other.type_name()),
                                 )
-                                .fix("write e.g. `plugins: [target/release/libmy_plugin.so]`"),
+                                .fix("write e.g. `plugins: [target/release/libmy_plugin.so]`, or `{ path: libmy_plugin.so, isolate: process, timeout_s: 10 }`"),
                             ),
                         }
                     }
@@ -611,6 +633,65 @@ fn set_path(node: &mut Spanned<Node>, path: &[&str], value: Spanned<Node>, fallb
     set_path(child, rest, value, pos, at);
 }
 
+/// A `plugins:` entry written as a mapping: `{ path: P, isolate: process | none, timeout_s: S }`.
+fn plugin_entry(
+    fields: &[(Spanned<String>, Spanned<Node>)],
+    pos: Pos,
+    d: &dyn Fn(Pos, String) -> Diagnostic,
+    diags: &mut Diagnostics,
+) -> Option<PluginEntry> {
+    let mut entry = PluginEntry { path: String::new(), isolate: false, timeout_s: PLUGIN_TIMEOUT_S };
+    let mut ok = true;
+    let mut has_path = false;
+    for (key, value) in fields {
+        match (key.value.as_str(), &value.value) {
+            ("path", Node::Str(s)) => {
+                entry.path = s.clone();
+                has_path = true;
+            }
+            ("isolate", Node::Str(s)) if s == "process" || s == "none" => entry.isolate = s == "process",
+            ("timeout_s", Node::Int(i)) if *i > 0 => entry.timeout_s = *i as f64,
+            ("timeout_s", Node::Float(f)) if *f > 0.0 && f.is_finite() => entry.timeout_s = *f,
+            ("path", _) => {
+                ok = false;
+                diags.push(
+                    d(value.pos, "`path` must be the plugin library's path".into())
+                        .fix("write e.g. `path: ./libmy_plugin.so`"),
+                );
+            }
+            ("isolate", _) => {
+                ok = false;
+                diags.push(
+                    d(value.pos, "`isolate` must be `process` or `none`".into())
+                        .fix("write `isolate: process` to run the plugin in helper processes"),
+                );
+            }
+            ("timeout_s", _) => {
+                ok = false;
+                diags.push(
+                    d(value.pos, "`timeout_s` must be a positive number of seconds".into())
+                        .fix("write e.g. `timeout_s: 10`"),
+                );
+            }
+            (other, _) => {
+                ok = false;
+                diags.push(
+                    d(key.pos, format!("unknown field `{other}` in a plugin entry"))
+                        .fix("a plugin entry has `path`, `isolate` and `timeout_s`"),
+                );
+            }
+        }
+    }
+    if !has_path {
+        ok = false;
+        diags.push(
+            d(pos, "a plugin entry needs a `path`".into())
+                .fix("write e.g. `{ path: ./libmy_plugin.so, isolate: process }`"),
+        );
+    }
+    ok.then_some(entry)
+}
+
 #[cfg(test)]
 mod profile_tests {
     use super::*;
@@ -637,5 +718,41 @@ mod profile_tests {
             e.contains("no profile `huge`") && e.contains("name one of: big") && e.starts_with("--set"),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod plugin_entry_tests {
+    use super::*;
+
+    fn spec(plugins: &str) -> Result<PipelineSpec, String> {
+        let src =
+            format!("name: p\nplugins:\n{plugins}stages:\n  - {{ id: data, kind: synthetic_shapes }}\n");
+        parse(Path::new("p.yaml"), &src, &[]).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn entries_are_paths_or_mappings_with_isolation() {
+        let s = spec("  - ./liba.so\n  - { path: b, isolate: process, timeout_s: 2.5 }\n  - { path: c, isolate: none }\n")
+            .unwrap();
+        let got: Vec<(&str, bool, f64)> =
+            s.plugins.iter().map(|p| (p.value.path.as_str(), p.value.isolate, p.value.timeout_s)).collect();
+        assert_eq!(
+            got,
+            [("./liba.so", false, PLUGIN_TIMEOUT_S), ("b", true, 2.5), ("c", false, PLUGIN_TIMEOUT_S)]
+        );
+    }
+
+    #[test]
+    fn a_bad_entry_is_located_and_says_the_fix() {
+        let e = spec("  - { path: b, isolate: yes, timeout_s: -1, colour: red }\n  - { isolate: process }\n")
+            .unwrap_err();
+        assert!(e.contains("p.yaml:3:") && e.contains("`isolate` must be `process` or `none`"), "{e}");
+        assert!(e.contains("`timeout_s` must be a positive number"), "{e}");
+        assert!(
+            e.contains("unknown field `colour`") && e.contains("`path`, `isolate` and `timeout_s`"),
+            "{e}"
+        );
+        assert!(e.contains("p.yaml:4:") && e.contains("needs a `path`"), "{e}");
     }
 }

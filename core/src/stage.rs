@@ -211,6 +211,18 @@ pub trait Sink: Send {
     fn start_epoch(&self) -> u32 {
         0
     }
+    /// Positions of [`Sink::start_epoch`]'s order already consumed before the resumed run (a
+    /// checkpoint taken mid-epoch): the runtime skips them without reading them. 0 by default.
+    fn start_offset(&self) -> u64 {
+        0
+    }
+    /// Told before each [`Sink::consume`]: once that item is in, the run has consumed the first
+    /// `consumed` positions of epoch `epoch`'s order (with a batch stage, the positions of every
+    /// sample in the batches so far, skipped samples included). A sink that checkpoints keeps it,
+    /// so that a resumed run starts there ([`Sink::start_offset`]).
+    fn position(&mut self, epoch: u32, consumed: u64) {
+        let _ = (epoch, consumed);
+    }
     /// Called instead of [`Sink::finish`] when the run was interrupted (Ctrl-C): save what can
     /// be resumed.
     fn interrupted(&mut self) -> Result<(), StageError> {

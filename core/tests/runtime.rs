@@ -473,3 +473,103 @@ fn a_fused_stage_error_names_the_stage() {
         }
     }
 }
+
+/// Counts the samples it is applied to.
+#[derive(Default)]
+struct Counted(std::sync::atomic::AtomicU64);
+
+impl MapStage for Counted {
+    fn apply(&self, _: &mut Sample, _: &SampleCtx) -> Result<(), StageError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// (epoch, sample indices) of each item a sink consumed.
+type SeenItems = Vec<(u32, Vec<u64>)>;
+
+/// A sink resumed at (epoch, offset) that records what it consumed and the positions it was
+/// told.
+#[derive(Clone, Default)]
+struct Resumed {
+    start: (u32, u64),
+    seen: Arc<Mutex<SeenItems>>,
+    told: Arc<Mutex<Vec<(u32, u64)>>>,
+}
+
+impl Sink for Resumed {
+    fn start_epoch(&self) -> u32 {
+        self.start.0
+    }
+    fn start_offset(&self) -> u64 {
+        self.start.1
+    }
+    fn position(&mut self, epoch: u32, consumed: u64) {
+        self.told.lock().unwrap().push((epoch, consumed));
+    }
+    fn consume(&mut self, s: Sample) -> Result<(), StageError> {
+        let indices = match &s.payload {
+            simclr_core::Payload::Batch(b) => b.indices.clone(),
+            _ => vec![s.index],
+        };
+        self.seen.lock().unwrap().push((s.epoch, indices));
+        Ok(())
+    }
+}
+
+/// Mid-epoch resume: the source starts `offset` positions into the first epoch without reading
+/// the positions before (seek, not replay), delivers exactly the rest of the uninterrupted
+/// run's samples, and the sink is told how far each consumed item brought the run, for every
+/// way of batching (none, on the collector, in the workers) and with a skipped sample.
+#[test]
+fn a_sink_resumed_mid_epoch_gets_the_rest_and_nothing_before_is_read() {
+    let shuffled = SourceOptions { shuffle: true, ..SourceOptions::default() };
+    let order: Vec<Vec<u64>> = (0..3).map(|e| epoch_order(100, &shuffled, 9, e, "data").collect()).collect();
+    // (batch size, workers may batch, threads, skip sample)
+    for (batch, in_workers, threads, skip) in [
+        (None, false, 2, None),
+        (Some(10), false, 1, None),
+        (Some(10), true, 2, None),
+        (Some(10), false, 2, Some(7)),
+    ] {
+        let what = format!("batch {batch:?}, in workers {in_workers}, threads {threads}, skip {skip:?}");
+        let counted = Arc::new(Counted::default());
+        let sink = Resumed { start: (1, 37), ..Resumed::default() };
+        let on_error = if skip.is_some() { OnError::Skip } else { OnError::Fail };
+        let opts_src = SourceOptions { on_error, ..shuffled };
+        let maps: Vec<Arc<dyn MapStage>> =
+            vec![counted.clone(), Arc::new(Slow { sleep_on: None, fail_on: skip, data_error: true })];
+        let mut c = chain(100, opts_src, maps, Box::new(sink.clone()));
+        if let Some(size) = batch {
+            let batcher = Indices { size, drop_last: false, pending: Vec::new(), workers: in_workers };
+            c.batch = Some((info("batch"), Box::new(batcher)));
+        }
+        let opts = RunOptions { seed: 9, threads, epochs: Some(3), ..RunOptions::default() };
+        let report = run_chain(c, &opts).unwrap();
+        let read = counted.0.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(read, 63 + 100, "{what}: only the positions after the checkpoint are read");
+
+        // Exactly the samples after position 37 of epoch 1, then epoch 2 (minus the skipped one).
+        let want: Vec<(u32, u64)> = order[1][37..]
+            .iter()
+            .map(|&i| (1, i))
+            .chain(order[2].iter().map(|&i| (2, i)))
+            .filter(|&(_, i)| Some(i) != skip)
+            .collect();
+        let seen = sink.seen.lock().unwrap().clone();
+        let got: Vec<(u32, u64)> = seen.iter().flat_map(|(e, ix)| ix.iter().map(move |&i| (*e, i))).collect();
+        assert_eq!(got, want, "{what}");
+        assert_eq!(report.samples, want.len() as u64, "{what}");
+
+        // One told position per consumed item: where its last sample lies in its epoch's order
+        // (+1), so they go forward within an epoch and each epoch ends at 100.
+        let told = sink.told.lock().unwrap().clone();
+        assert_eq!(told.len(), seen.len(), "{what}");
+        for ((e, ix), (te, p)) in seen.iter().zip(&told) {
+            assert_eq!(e, te, "{what}");
+            let last = order[*e as usize].iter().position(|i| Some(i) == ix.last()).unwrap() as u64;
+            assert_eq!(*p, last + 1, "{what}: {ix:?}");
+        }
+        assert!(told.contains(&(1, 100)) && told.last() == Some(&(2, 100)), "{what}: {told:?}");
+    }
+}

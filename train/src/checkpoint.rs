@@ -69,6 +69,26 @@ pub struct CheckpointMeta {
     pub steps_per_epoch: Option<u64>,
     /// Every configured epoch done.
     pub finished: bool,
+    /// A checkpoint taken mid-epoch: positions of epoch `epochs_done`'s order consumed (a
+    /// resumed run skips them) and that epoch's running sums so far. Absent at epoch ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial: Option<PartialEpoch>,
+}
+
+/// How far into an epoch a mid-epoch checkpoint was taken.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartialEpoch {
+    /// Positions of the epoch's sample order consumed (skipped samples included).
+    pub consumed: u64,
+    /// The epoch's sums for its metrics line, so far (floats round-trip exactly through JSON).
+    pub steps: u64,
+    pub images: u64,
+    pub loss: f64,
+    pub contrast_acc: f64,
+    pub contrast_entropy: f64,
+    pub step_s: f64,
+    pub data_wait_s: f64,
+    pub lr: f64,
 }
 
 /// A whole checkpoint in memory.
@@ -90,8 +110,13 @@ impl Checkpoint {
             ("producer".to_string(), format!("simclr-train {}", env!("CARGO_PKG_VERSION"))),
         ]);
         write_safetensors(&path, &self.tensors, &meta).map_err(|e| {
+            let why = if e.kind() == std::io::ErrorKind::StorageFull {
+                "the disk is full: free space there, then resume the run with --resume"
+            } else {
+                "check the disk space and permissions of the run directory"
+            };
             CheckpointError::Io(format!(
-                "cannot write {}: {e} (check the disk space and permissions of the run directory)",
+                "cannot write {}: {e} ({why}; the previous checkpoint, if any, is intact)",
                 path.display()
             ))
         })
@@ -137,13 +162,13 @@ pub fn config_json(cfg: &SimclrTrain) -> serde_json::Value {
 }
 
 /// Fields that may change between a run and its resumption.
-const FREE_FIELDS: [&str; 3] = ["device", "log_every", "checkpoint_every"];
+const FREE_FIELDS: [&str; 4] = ["device", "log_every", "checkpoint_every", "checkpoint_every_steps"];
 /// Fields that shape the network.
 const ARCH_FIELDS: [&str; 4] = ["backbone", "stem", "width", "head"];
 
 /// Whether a checkpoint made with `saved` (a [`config_json`]) can continue under `now`: the
-/// architecture and every training field must match (`device`, `log_every` and
-/// `checkpoint_every` may change).
+/// architecture and every training field must match (`device`, `log_every`, `checkpoint_every`
+/// and `checkpoint_every_steps` may change).
 pub fn check_config(saved: &serde_json::Value, now: &serde_json::Value) -> Result<(), CheckpointError> {
     let (Some(saved), Some(now)) = (saved.as_object(), now.as_object()) else {
         return Err(CheckpointError::Mismatch("the checkpoint's config is not an object".into()));

@@ -234,6 +234,11 @@ pub struct SimclrTrain {
     /// and on Ctrl-C). The end of training always writes one.
     #[serde(default = "one_epoch")]
     pub checkpoint_every: u32,
+    /// Also write it every this many steps, mid-epoch included (default 0 = off): a resumed
+    /// run continues from that step, seeking the data to the position (nothing consumed is read
+    /// again) and training exactly as the uninterrupted run.
+    #[serde(default)]
+    pub checkpoint_every_steps: u64,
     /// kNN monitor: accuracy of a cosine kNN on frozen features every few epochs, logged to
     /// `metrics.jsonl` as `"type": "monitor"` lines (default off).
     #[serde(default)]

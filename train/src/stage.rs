@@ -283,6 +283,7 @@ impl Sink for TrainSink {
             self.write_line(line)?;
         }
         self.step += 1;
+        self.step_completed()?;
         self.last_end = Some(Instant::now());
         Ok(())
     }
@@ -318,6 +319,14 @@ impl Sink for TrainSink {
 
     fn start_epoch(&self) -> u32 {
         self.ckpt.start_epoch
+    }
+
+    fn start_offset(&self) -> u64 {
+        self.ckpt.start_offset
+    }
+
+    fn position(&mut self, epoch: u32, consumed: u64) {
+        self.ckpt.position = Some((epoch, consumed));
     }
 
     fn interrupted(&mut self) -> Result<(), StageError> {

@@ -18,12 +18,16 @@
 //! - Libraries are never unloaded: their code may still be referenced (thread-locals, atexit
 //!   handlers, the tables we keep), and unloading buys nothing in a batch process.
 //!
-//! Plugins are trusted native code running in-process; see `plugins/README.md`.
+//! A plain `plugins:` entry is trusted native code running in-process. An entry
+//! `{ path, isolate: process, timeout_s }` runs its kinds' `create` and `process` in helper
+//! processes ([`isolate`]): a crash or a hang fails or skips one sample, not the run. See
+//! `plugins/README.md`.
 
 use std::collections::HashSet;
 use std::ffi::{c_char, CStr, OsStr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::Value;
 pub use simclr_plugin::abi;
@@ -33,6 +37,7 @@ use crate::error::{Diagnostic, Diagnostics};
 use crate::spec::PipelineSpec;
 use crate::stage::Registry;
 
+pub mod isolate;
 mod schema;
 mod stage;
 #[cfg(test)]
@@ -371,6 +376,15 @@ fn valid_kind_name(s: &str) -> bool {
 /// Registers every kind of `plugin`; a kind already in the registry (a built-in, or another
 /// plugin's) is an error.
 pub fn register(registry: &mut Registry, plugin: &Arc<LoadedPlugin>) -> Result<(), LoadError> {
+    register_isolated(registry, plugin, None)
+}
+
+/// [`register`], with every kind running in helper processes when `isolation` is given.
+pub fn register_isolated(
+    registry: &mut Registry,
+    plugin: &Arc<LoadedPlugin>,
+    isolation: Option<isolate::Isolation>,
+) -> Result<(), LoadError> {
     for k in &plugin.kinds {
         if registry.get(&k.name).is_some() {
             return Err(LoadError::new(
@@ -380,7 +394,7 @@ pub fn register(registry: &mut Registry, plugin: &Arc<LoadedPlugin>) -> Result<(
         }
     }
     for i in 0..plugin.kinds.len() {
-        registry.register_factory(Arc::new(PluginFactory::new(plugin.clone(), i)));
+        registry.register_factory(Arc::new(PluginFactory::new(plugin.clone(), i, isolation.clone())));
     }
     Ok(())
 }
@@ -397,17 +411,24 @@ pub fn load_spec_plugins(
     let mut done: HashSet<PathBuf> = HashSet::new();
     let mut out = Vec::new();
     for entry in &spec.plugins {
-        let result = resolve(&entry.value, &base_dir, search_path).and_then(|p| load(&p)).and_then(|p| {
+        let e = &entry.value;
+        let isolation =
+            e.isolate.then(|| isolate::Isolation { timeout: Duration::from_secs_f64(e.timeout_s) });
+        let result = resolve(&e.path, &base_dir, search_path).and_then(|p| load(&p)).and_then(|p| {
             if done.insert(p.path.clone()) {
-                register(registry, &p)?;
+                register_isolated(registry, &p, isolation)?;
                 out.push(p);
             }
             Ok(())
         });
         if let Err(e) = result {
             diags.push(
-                Diagnostic::new(&spec.file, entry.pos, format!("plugin '{}': {}", entry.value, e.problem))
-                    .fix(e.fix),
+                Diagnostic::new(
+                    &spec.file,
+                    entry.pos,
+                    format!("plugin '{}': {}", entry.value.path, e.problem),
+                )
+                .fix(e.fix),
             );
         }
     }

@@ -15,6 +15,7 @@ use crate::stage::{
 };
 use crate::yaml::PathSeg;
 
+use super::isolate::{IsolatedStage, Isolation};
 use super::schema::*;
 use super::*;
 
@@ -22,12 +23,13 @@ pub(super) struct PluginFactory {
     plugin: Arc<LoadedPlugin>,
     kind: usize,
     about: String,
+    isolation: Option<Isolation>,
 }
 
 impl PluginFactory {
-    pub(super) fn new(plugin: Arc<LoadedPlugin>, kind: usize) -> Self {
+    pub(super) fn new(plugin: Arc<LoadedPlugin>, kind: usize, isolation: Option<Isolation>) -> Self {
         let about = format!("{} [plugin {} {}]", plugin.kinds[kind].about, plugin.name, plugin.version);
-        PluginFactory { plugin, kind, about }
+        PluginFactory { plugin, kind, about, isolation }
     }
 }
 
@@ -83,7 +85,14 @@ impl Factory for PluginFactory {
             .into_iter()
             .map(|v| Problem { field: v.path, message: v.message, fix: v.range_fix.unwrap_or_default() })
             .collect();
-        Ok(Box::new(PluginConfig { plugin: self.plugin.clone(), kind: self.kind, fields, views, problems }))
+        Ok(Box::new(PluginConfig {
+            plugin: self.plugin.clone(),
+            kind: self.kind,
+            fields,
+            views,
+            problems,
+            isolation: self.isolation.clone(),
+        }))
     }
 }
 
@@ -100,6 +109,27 @@ pub(super) struct PluginConfig {
     views: Option<Vec<u32>>,
     /// Range violations of the schema, reported by `check`.
     problems: Vec<Problem>,
+    isolation: Option<Isolation>,
+}
+
+/// Makes an instance of kind `kind` from its config (JSON), by the plugin's `create`.
+pub(super) fn create_instance(plugin: &LoadedPlugin, kind: usize, json: &str) -> Result<Instance, String> {
+    let cjson = std::ffi::CString::new(json).map_err(|_| "the config contains a NUL".to_string())?;
+    let mut err = ErrorMessage::new();
+    let mut ptr: *mut c_void = std::ptr::null_mut();
+    // SAFETY: `create` is the plugin's (checked non-NULL at load); every pointer passed
+    // lives across the call: the NUL-terminated config and its length, the out-pointer
+    // and the error buffer with its capacity.
+    let rc = unsafe { (plugin.create)(kind as u32, cjson.as_ptr(), json.len(), &mut ptr, &mut err.buf()) };
+    if rc != abi::OK {
+        // A config the plugin refuses: its message is the point.
+        return Err(if rc == abi::ERR_CONFIG {
+            err.message()
+        } else {
+            format!("create {}", err.describe(rc))
+        });
+    }
+    Ok(Instance { ptr, destroy: plugin.destroy })
 }
 
 impl PluginConfig {
@@ -107,27 +137,12 @@ impl PluginConfig {
         &self.plugin.kinds[self.kind].name
     }
 
+    fn json(&self) -> Result<String, String> {
+        serde_json::to_string(&self.fields).map_err(|e| e.to_string())
+    }
+
     pub(super) fn instantiate(&self) -> Result<Instance, String> {
-        let json = serde_json::to_string(&self.fields).map_err(|e| e.to_string())?;
-        let cjson =
-            std::ffi::CString::new(json.clone()).map_err(|_| "the config contains a NUL".to_string())?;
-        let mut err = ErrorMessage::new();
-        let mut ptr: *mut c_void = std::ptr::null_mut();
-        // SAFETY: `create` is the plugin's (checked non-NULL at load); every pointer passed
-        // lives across the call: the NUL-terminated config and its length, the out-pointer
-        // and the error buffer with its capacity.
-        let rc = unsafe {
-            (self.plugin.create)(self.kind as u32, cjson.as_ptr(), json.len(), &mut ptr, &mut err.buf())
-        };
-        if rc != abi::OK {
-            // A config the plugin refuses: its message is the point.
-            return Err(if rc == abi::ERR_CONFIG {
-                err.message()
-            } else {
-                format!("create {}", err.describe(rc))
-            });
-        }
-        Ok(Instance { ptr, destroy: self.plugin.destroy })
+        create_instance(&self.plugin, self.kind, &self.json()?)
     }
 }
 
@@ -152,6 +167,10 @@ impl Configured for PluginConfig {
             return;
         }
         // Let the plugin reject what its schema cannot express (e.g. min > max); nothing runs.
+        // An isolated plugin's `create` runs only in its helpers (the run's start says).
+        if self.isolation.is_some() {
+            return;
+        }
         if let Err(e) = self.instantiate() {
             out.push(Problem {
                 field: Vec::new(),
@@ -170,6 +189,24 @@ impl Configured for PluginConfig {
     }
 
     fn build(&self, _cx: &Context) -> Result<Stage, StageError> {
+        if let Some(isolation) = &self.isolation {
+            let config = self.json().map_err(StageError::fatal)?;
+            let stage = IsolatedStage::new(
+                self.plugin.clone(),
+                self.kind_name().to_string(),
+                config,
+                self.views.clone(),
+                isolation.clone(),
+            )
+            .map_err(|e| {
+                StageError::fatal(format!(
+                    "plugin '{}' (kind `{}`, isolated): {e}",
+                    self.plugin.file_name,
+                    self.kind_name()
+                ))
+            })?;
+            return Ok(Stage::Map(Arc::new(stage)));
+        }
         let instance = self.instantiate().map_err(|e| {
             StageError::fatal(format!(
                 "plugin '{}' could not make a `{}`: {e}",
@@ -268,6 +305,13 @@ pub(super) fn unwritten_block(out: &[u8]) -> Option<usize> {
 }
 
 impl PluginStage {
+    /// Kind `kind` of `plugin` with its instance, on every view (the helper of an isolated
+    /// plugin calls [`PluginStage::process`] directly).
+    pub(super) fn new(plugin: Arc<LoadedPlugin>, kind: usize, instance: Instance) -> Self {
+        let in_place = plugin.kinds[kind].in_place;
+        PluginStage { plugin, kind, in_place, instance, views: None }
+    }
+
     pub(super) fn process(&self, img: &mut Image, seed: u64) -> Result<(), String> {
         let (w, h) = (img.width, img.height);
         let len = img.pixels() * 3;

@@ -53,6 +53,8 @@ pub(super) struct EpochPlan {
     /// Items in the source.
     pub(super) len: u64,
     pub(super) first_epoch: u32,
+    /// Positions of `first_epoch`'s order consumed before (a resume from mid-epoch).
+    pub(super) offset: u64,
     /// One past the last epoch.
     pub(super) epochs: u32,
     /// Samples the run delivers.
@@ -93,8 +95,11 @@ pub(super) fn epoch_plan(
     }
     // A resumed sink starts later; epochs keep their absolute numbers (they key the randomness).
     let first_epoch = sink.start_epoch().min(epochs);
+    let offset = if first_epoch < epochs { sink.start_offset().min(per_epoch) } else { 0 };
     // Saturating: an open-ended run (the Python iterator) asks for u32::MAX epochs.
-    let total =
-        per_epoch.saturating_mul(u64::from(epochs - first_epoch)).min(opts.max_samples.unwrap_or(u64::MAX));
-    Ok(EpochPlan { len, first_epoch, epochs, total })
+    let total = per_epoch
+        .saturating_mul(u64::from(epochs - first_epoch))
+        .saturating_sub(offset)
+        .min(opts.max_samples.unwrap_or(u64::MAX));
+    Ok(EpochPlan { len, first_epoch, offset, epochs, total })
 }

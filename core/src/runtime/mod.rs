@@ -159,6 +159,11 @@ fn nanos(d: Duration) -> u64 {
 struct Chunk {
     seq: u64,
     items: Vec<Sample>,
+    /// Each item's position in its epoch's order (dropped with the item when it is skipped).
+    pos: Vec<u64>,
+    /// The epoch and the position one past the chunk's last sample: where the run stands once
+    /// the chunk is consumed (the chunk's batches, when the workers batched it).
+    end: (u32, u64),
     skipped: Vec<Skipped>,
     /// Samples the items stand for, once the workers batched them (a dropped partial batch
     /// still counts, as on the collector).
@@ -210,7 +215,7 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
     let started = Instant::now();
     let ChainStages { source: (source_info, source), maps, mut batch, sink: (sink_info, mut sink) } = chain;
     let src_opts = source.options();
-    let EpochPlan { len, first_epoch, epochs, total } =
+    let EpochPlan { len, first_epoch, offset, epochs, total } =
         epoch_plan(source.as_ref(), batch.as_ref(), sink.as_ref(), &source_info, &sink_info, opts)?;
     let threads = opts.threads.max(1);
     opts.progress_total.fetch_add(total, Ordering::Relaxed);
@@ -253,6 +258,7 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
         opts: src_opts,
         seed,
         first_epoch,
+        offset,
         epochs,
         total,
         chunk,
@@ -301,6 +307,7 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
     let mut next_seq = 0u64;
     let mut delivered = 0u64;
     let mut skipped = Vec::new();
+    let mut last_at: Option<(u32, u64)> = None;
     loop {
         if shared.stopped() {
             break;
@@ -319,8 +326,16 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
                 delivered += n;
                 opts.progress.fetch_add(n, Ordering::Relaxed);
             }
+            let mut pos = c.pos.into_iter();
             for sample in c.items {
-                let (index, name) = (sample.index, sample.name.clone());
+                let (index, name, epoch) = (sample.index, sample.name.clone(), sample.epoch);
+                // Where the run stands once this item (or the batch it completes) is in.
+                let before = last_at;
+                let mut at = match (c.batched, pos.next()) {
+                    (None, Some(p)) => (epoch, p.saturating_add(1)),
+                    _ => c.end,
+                };
+                last_at = Some(at);
                 let out = match batch.as_mut().filter(|_| worker_batch.is_none()) {
                     Some((binfo, b)) => match b.push(sample) {
                         Ok(out) => out,
@@ -335,6 +350,11 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
                     if let Some(h) = hasher.as_mut() {
                         out.digest_into(h);
                     }
+                    // A batch closed by the first sample of the next epoch does not hold it.
+                    if out.epoch != epoch && c.batched.is_none() {
+                        at = before.unwrap_or(at);
+                    }
+                    sink.position(at.0, at.1);
                     if let Err(e) = sink.consume(out) {
                         shared.fail(sample_error(&sink_info, index, name.as_deref(), e));
                         break;
@@ -376,6 +396,9 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
         if let Some(out) = last {
             if let Some(h) = hasher.as_mut() {
                 out.digest_into(h);
+            }
+            if let Some((epoch, consumed)) = last_at {
+                sink.position(epoch, consumed);
             }
             sink.consume(out).map_err(|e| RunError::stage(&sink_info.id, &sink_info.kind, e))?;
         }
@@ -490,6 +513,8 @@ struct Feeder {
     opts: SourceOptions,
     seed: u64,
     first_epoch: u32,
+    /// Positions of the first epoch to skip (consumed before a resume).
+    offset: u64,
     epochs: u32,
     total: u64,
     chunk: usize,
@@ -506,6 +531,11 @@ impl Feeder {
         let mut emitted = 0u64;
         'epochs: for epoch in self.first_epoch..self.epochs {
             let mut order = epoch_order(self.len, &self.opts, self.seed, epoch, &self.source_id);
+            // Seek, don't replay: the positions consumed before a mid-epoch resume are never read.
+            let mut next_pos = if epoch == self.first_epoch { self.offset } else { 0 };
+            if next_pos > 0 {
+                order.nth(usize::try_from(next_pos - 1).unwrap_or(usize::MAX));
+            }
             loop {
                 let room = self.total - emitted;
                 if room == 0 {
@@ -534,9 +564,13 @@ impl Feeder {
                     break 'epochs;
                 }
                 let count = items.len() as u64;
+                let pos: Vec<u64> = (next_pos..next_pos + count).collect();
+                next_pos += count;
                 let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
                 self.peak.fetch_max(now, Ordering::SeqCst);
-                if self.out.send(Chunk { seq, items, skipped: Vec::new(), batched: None }).is_err() {
+                let chunk =
+                    Chunk { seq, items, pos, end: (epoch, next_pos), skipped: Vec::new(), batched: None };
+                if self.out.send(chunk).is_err() {
                     break 'epochs;
                 }
                 seq += 1;
@@ -669,9 +703,11 @@ fn worker(
             o.counters.starved_ns.fetch_add(waited, Ordering::Relaxed);
         }
         let mut keep = Vec::with_capacity(chunk.items.len());
+        let mut keep_pos = Vec::with_capacity(chunk.items.len());
         let mut busy = vec![0u64; seg.len()];
         let (mut batch_ns, mut batched) = (0u64, 0u64);
-        'samples: for mut sample in std::mem::take(&mut chunk.items) {
+        let positions = std::mem::take(&mut chunk.pos);
+        'samples: for (mut sample, pos) in std::mem::take(&mut chunk.items).into_iter().zip(positions) {
             if shared.stopped() {
                 return;
             }
@@ -709,6 +745,7 @@ fn worker(
             // stage's time and count are its own.
             let Some(b) = batcher.as_mut() else {
                 keep.push(sample);
+                keep_pos.push(pos);
                 continue;
             };
             let t = Instant::now();
@@ -736,6 +773,7 @@ fn worker(
             chunk.items = batches;
         } else {
             chunk.items = keep;
+            chunk.pos = keep_pos;
         }
         let t = Instant::now();
         if tx.send(chunk).is_err() {

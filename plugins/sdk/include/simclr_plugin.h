@@ -31,10 +31,15 @@
  *   - Return SIMCLR_OK (0) or an error code, with a message written into the `simclr_error`
  *     buffer (simclr_set_error does it). A failing `process` stops the run; the host reports
  *     the library, the kind and the sample.
- *   - Plugins are trusted native code: they run inside the simclr process, with its rights, and
- *     a crash in a plugin is a crash of simclr. Load only libraries you would run as a program.
- *     (Nothing in this ABI shares memory with the host beyond the call, so a later simclr can
- *     run a plugin in a separate process without changing it.)
+ *   - Plugins are native code running with the user's rights. Listed as a plain path they run
+ *     inside the simclr process, and a crash in a plugin is a crash of simclr. Listed as
+ *     `{ path: libx.so, isolate: process, timeout_s: 10 }`, `create` and `process` run in
+ *     helper processes (views exchanged through shared memory): a crash (SIGSEGV, abort), an
+ *     exit or a call longer than `timeout_s` then fails the run naming the plugin, kind, stage,
+ *     sample and signal, or skips the sample under the source's `on_error: skip`. Same bits
+ *     either way; nothing to change in the plugin (it keeps nothing between calls but its
+ *     instance). Isolation contains faults, not malice: a helper has the user's rights too, and
+ *     the library is still loaded in the host to read its kinds. Load only libraries you trust.
  *
  * Building: `cc -shared -fPIC -O2 -o libmy_plugin.so my_plugin.c` with this header on the
  * include path. See plugins/README.md for a ten-minute tutorial and

@@ -1,18 +1,23 @@
 //! Checkpoints of the `simclr_train` sink: when to write them, and resuming from them.
 //!
-//! Checkpoints are taken at epoch boundaries only: every `checkpoint_every` epochs, at the end
-//! of training, and on Ctrl-C. A Ctrl-C in the middle of an epoch saves the state at the end of
-//! the last completed epoch (kept in memory when it was not written already), so a resumed run
-//! redoes the interrupted epoch from its start: the data of epoch k is a pure function of (seed,
-//! k), so it sees exactly the batches the uninterrupted run saw, and the losses agree bit for bit.
-//! The steps of the abandoned partial epoch are removed from `metrics.jsonl` on resume.
+//! Checkpoints are taken every `checkpoint_every` epochs, every `checkpoint_every_steps` steps
+//! (mid-epoch), at the end of training, and on Ctrl-C / SIGTERM (at the last trained step). A
+//! mid-epoch checkpoint records how many positions of the epoch's sample order the trained
+//! batches consumed (the runtime tells the sink, [`simclr_core::Sink::position`]) and the
+//! epoch's running sums; a resumed run's source skips those positions without reading them
+//! (seek, not replay) and goes on: sample i of epoch k looks the same whatever came before it
+//! (its randomness is keyed by seed, epoch and index), so the resumed run sees exactly the
+//! batches the uninterrupted run saw and the losses agree bit for bit. Where the sink is not
+//! told positions (a sink driven by hand), Ctrl-C falls back to the end of the last completed
+//! epoch and the interrupted epoch is redone. Lines past the checkpoint are removed from
+//! `metrics.jsonl` on resume.
 
 use std::path::Path;
 
 use simclr_core::StageError;
 
-use super::TrainSink;
-use crate::checkpoint::{check_config, config_json, Checkpoint, CheckpointMeta, VERSION};
+use super::{EpochSums, TrainSink};
+use crate::checkpoint::{check_config, config_json, Checkpoint, CheckpointMeta, PartialEpoch, VERSION};
 
 /// The sink's checkpoint bookkeeping.
 #[derive(Default)]
@@ -28,6 +33,11 @@ pub(super) struct CkptState {
     pub on_disk: Option<u32>,
     /// The state at the end of the last completed epoch when it is newer than the file.
     pub pending: Option<Checkpoint>,
+    /// The runtime's position once the last consumed batch was in: (epoch, positions of its
+    /// order consumed). None when the sink is not told (then checkpoints are per epoch).
+    pub position: Option<(u32, u64)>,
+    /// Positions of `start_epoch` consumed before a mid-epoch resume.
+    pub start_offset: u64,
 }
 
 fn fatal(e: impl std::fmt::Display) -> StageError {
@@ -35,8 +45,9 @@ fn fatal(e: impl std::fmt::Display) -> StageError {
 }
 
 impl TrainSink {
-    /// The current state as a checkpoint.
-    fn checkpoint(&self) -> Result<Checkpoint, StageError> {
+    /// The current state as a checkpoint: at the end of epoch `epochs_done - 1`, or with
+    /// `partial`, `partial.consumed` positions into epoch `epochs_done`.
+    fn checkpoint(&self, partial: Option<PartialEpoch>) -> Result<Checkpoint, StageError> {
         let tensors = self
             .engine
             .state_tensors()
@@ -49,7 +60,8 @@ impl TrainSink {
             epochs_done: self.ckpt.epochs_done,
             step: self.step,
             steps_per_epoch: self.steps_per_epoch,
-            finished: self.ckpt.epochs_done >= self.cfg.epochs,
+            finished: partial.is_none() && self.ckpt.epochs_done >= self.cfg.epochs,
+            partial,
         };
         Ok(Checkpoint { meta, tensors })
     }
@@ -72,7 +84,7 @@ impl TrainSink {
         }
         let every = self.cfg.checkpoint_every;
         let due = always || (every > 0 && self.ckpt.epochs_done.is_multiple_of(every));
-        let c = self.checkpoint()?;
+        let c = self.checkpoint(None)?;
         if due {
             self.write_checkpoint(&c)
         } else {
@@ -81,10 +93,58 @@ impl TrainSink {
         }
     }
 
-    /// Ctrl-C: close the current epoch if its last batch was trained (and it is not the final
-    /// epoch, which `finish` closes), then write the last completed epoch's state if the file
-    /// does not hold it yet.
+    /// The state after the last trained step, mid-epoch: None unless the runtime told the
+    /// position of the epoch being trained and a step of it was trained.
+    fn mid_epoch(&self) -> Result<Option<Checkpoint>, StageError> {
+        let (Some(epoch), Some((at, consumed))) = (self.epoch, self.ckpt.position) else { return Ok(None) };
+        if at != epoch || self.sums.steps == 0 || self.run_dir.is_none() {
+            return Ok(None);
+        }
+        let s = &self.sums;
+        let partial = PartialEpoch {
+            consumed,
+            steps: s.steps,
+            images: s.images,
+            loss: s.loss,
+            contrast_acc: s.acc,
+            contrast_entropy: s.entropy,
+            step_s: s.step_s,
+            data_wait_s: s.data_wait_s,
+            lr: s.lr,
+        };
+        let mut c = self.checkpoint(Some(partial))?;
+        c.meta.epochs_done = epoch;
+        Ok(Some(c))
+    }
+
+    /// After each step: a mid-epoch checkpoint every `checkpoint_every_steps` steps.
+    pub(super) fn step_completed(&mut self) -> Result<(), StageError> {
+        let every = self.cfg.checkpoint_every_steps;
+        if every == 0 || !self.step.is_multiple_of(every) {
+            return Ok(());
+        }
+        match self.mid_epoch()? {
+            Some(c) => {
+                tracing::debug!(
+                    "checkpoint at step {} (epoch {}, {} samples in)",
+                    c.meta.step,
+                    c.meta.epochs_done,
+                    c.meta.partial.as_ref().map_or(0, |p| p.consumed)
+                );
+                self.write_checkpoint(&c)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Ctrl-C / SIGTERM: write the state after the last trained step (mid-epoch) when the
+    /// position is known; else close the current epoch if its last batch was trained (and it
+    /// is not the final epoch, which `finish` closes), then write the last completed epoch's
+    /// state if the file does not hold it yet.
     pub(super) fn save_on_interrupt(&mut self) -> Result<(), StageError> {
+        if let Some(c) = self.mid_epoch()? {
+            return self.write_checkpoint(&c);
+        }
         let complete = matches!(self.steps_per_epoch, Some(spe) if self.sums.steps >= spe);
         let last = self.epoch.is_some_and(|e| e.saturating_add(1) >= self.cfg.epochs);
         if complete && !last && self.epoch.is_some() {
@@ -138,9 +198,29 @@ impl TrainSink {
         self.ckpt.epochs_done = m.epochs_done;
         self.ckpt.start_epoch = m.epochs_done;
         self.ckpt.on_disk = Some(m.epochs_done);
+        if let Some(p) = &m.partial {
+            // Mid-epoch: the epoch goes on where it stopped, its sums too.
+            self.epoch = Some(m.epochs_done);
+            self.ckpt.start_offset = p.consumed;
+            self.ckpt.position = Some((m.epochs_done, p.consumed));
+            self.sums = EpochSums {
+                steps: p.steps,
+                images: p.images,
+                loss: p.loss,
+                acc: p.contrast_acc,
+                entropy: p.contrast_entropy,
+                step_s: p.step_s,
+                data_wait_s: p.data_wait_s,
+                lr: p.lr,
+                started: Some(std::time::Instant::now()),
+            };
+        }
         let (epoch, step) = (m.epochs_done, m.step);
         truncate_metrics(&dir.join(simclr_core::run_dir::METRICS_FILE), epoch, step)?;
-        self.write_line(serde_json::json!({"type": "resume", "epoch": epoch, "step": step}))
+        let consumed = m.partial.as_ref().map_or(0, |p| p.consumed);
+        self.write_line(
+            serde_json::json!({"type": "resume", "epoch": epoch, "step": step, "consumed": consumed}),
+        )
     }
 }
 
@@ -152,8 +232,9 @@ fn truncate_metrics(path: &Path, epoch: u32, step: u64) -> Result<(), StageError
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(StageError::fatal(format!("cannot read {}: {e}", path.display()))),
     };
+    // A line cut short by a kill -9 is dropped (it can only be the last).
     let keep = |line: &str| {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { return !line.trim().is_empty() };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { return false };
         match v["type"].as_str() {
             Some("step") => v["step"].as_u64().is_some_and(|s| s < step),
             Some("epoch") => v["epoch"].as_u64().is_some_and(|e| e < u64::from(epoch)),
@@ -241,6 +322,36 @@ mod tests {
             }
         }
         (steps, epochs)
+    }
+
+    /// `checkpoint_every_steps` writes mid-epoch checkpoints at the position the runtime told;
+    /// a full disk fails the step with the path and the reason, and the previous checkpoint
+    /// stays readable.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn step_checkpoints_record_the_position_and_a_full_disk_keeps_the_last_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = sink(&cfg(serde_json::json!({"checkpoint_every_steps": 2})), dir.path(), 7);
+        s.position(0, 4);
+        s.consume(batch(0, 0)).unwrap();
+        assert!(!dir.path().join(FILE).exists(), "a checkpoint after 1 step");
+        s.position(0, 8);
+        s.consume(batch(0, 1)).unwrap();
+        let m = Checkpoint::read(dir.path()).unwrap().meta;
+        let p = m.partial.clone().unwrap();
+        assert_eq!((m.epochs_done, m.step, p.consumed, p.steps), (0, 2, 8, 2), "{m:?}");
+
+        std::os::unix::fs::symlink("/dev/full", dir.path().join(format!("{FILE}.tmp"))).unwrap();
+        s.position(0, 12);
+        s.consume(batch(0, 2)).unwrap();
+        s.position(0, 16);
+        let e = s.consume(batch(0, 3)).unwrap_err().to_string();
+        assert!(
+            e.contains(&dir.path().join(FILE).display().to_string()) && e.contains("disk is full"),
+            "{e}"
+        );
+        let back = Checkpoint::read(dir.path()).unwrap().meta;
+        assert_eq!(back, m, "the previous checkpoint is intact");
     }
 
     #[test]
@@ -343,6 +454,13 @@ mod tests {
                 step: 2,
                 steps_per_epoch: Some(2),
                 finished: false,
+                partial: Some(crate::checkpoint::PartialEpoch {
+                    consumed: 8,
+                    steps: 2,
+                    loss: 0.1 + 0.2,
+                    lr: 1.0 / 3.0,
+                    ..Default::default()
+                }),
             };
             Checkpoint { meta: meta.clone(), tensors: saved.clone() }.write(dir.path()).unwrap();
             let back = Checkpoint::read(dir.path()).unwrap();
