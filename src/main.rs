@@ -32,15 +32,27 @@ fn main() {
 }
 
 /// The helper process of an isolated plugin (`plugins: [{ path, isolate: process }]`): no core
-/// file when the plugin crashes it (the host reports the signal), then the helper loop.
+/// file when the plugin crashes it (the host reports the signal); Ctrl-C and SIGTERM are the
+/// host's business (it finishes its calls, then closes the pipe, which ends the helper); replies
+/// go to the original stdout, the plugin's prints to stderr.
 fn plugin_host(args: &[String]) -> i32 {
-    #[cfg(unix)]
-    // SAFETY: setrlimit only reads the struct passed; lowering RLIMIT_CORE to 0 is always allowed.
-    unsafe {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain libc calls on this process's own limits, signal dispositions and file
+    // descriptors, before any other thread exists; `dup` returns a fresh descriptor owned by
+    // the File built from it (checked >= 0).
+    let replies = unsafe {
         let none = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         libc::setrlimit(libc::RLIMIT_CORE, &none);
-    }
-    simclr_core::plugin::isolate::helper_main(args)
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        let fd = libc::dup(1);
+        if fd < 0 || libc::dup2(2, 1) < 0 {
+            eprintln!("simclr {}: cannot set up its output", simclr_core::plugin::isolate::HOST_ARG);
+            return 1;
+        }
+        std::fs::File::from_raw_fd(fd)
+    };
+    simclr_core::plugin::isolate::helper_main(args, replies)
 }
 
 /// Rust ignores SIGPIPE, so `println!` to a closed pipe (`simclr bench ... | head -1`) panics.

@@ -650,8 +650,8 @@ fn plugin_entry(
                 has_path = true;
             }
             ("isolate", Node::Str(s)) if s == "process" || s == "none" => entry.isolate = s == "process",
-            ("timeout_s", Node::Int(i)) if *i > 0 => entry.timeout_s = *i as f64,
-            ("timeout_s", Node::Float(f)) if *f > 0.0 && f.is_finite() => entry.timeout_s = *f,
+            ("timeout_s", Node::Int(i)) if (1..=86_400).contains(i) => entry.timeout_s = *i as f64,
+            ("timeout_s", Node::Float(f)) if *f > 0.0 && *f <= 86_400.0 => entry.timeout_s = *f,
             ("path", _) => {
                 ok = false;
                 diags.push(
@@ -669,7 +669,7 @@ fn plugin_entry(
             ("timeout_s", _) => {
                 ok = false;
                 diags.push(
-                    d(value.pos, "`timeout_s` must be a positive number of seconds".into())
+                    d(value.pos, "`timeout_s` must be a positive number of seconds, at most 86400".into())
                         .fix("write e.g. `timeout_s: 10`"),
                 );
             }

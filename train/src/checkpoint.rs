@@ -73,6 +73,10 @@ pub struct CheckpointMeta {
     /// resumed run skips them) and that epoch's running sums so far. Absent at epoch ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial: Option<PartialEpoch>,
+    /// The base learning rate after `lr_scaling` (from the first batch's size), so that a run
+    /// resumed on a smaller, last batch keeps the schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_lr: Option<f64>,
 }
 
 /// How far into an epoch a mid-epoch checkpoint was taken.

@@ -18,6 +18,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,11 +54,17 @@ struct Reply {
     message: String,
 }
 
+/// Longest message a reply carries (longer ones are cut by the helper).
+const MAX_MESSAGE: usize = 1 << 16;
+
 fn read_reply(r: &mut impl Read) -> std::io::Result<Reply> {
     let mut head = [0u8; 16];
     r.read_exact(&mut head)?;
     let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
-    let len = word(12).min(1 << 16) as usize;
+    let len = word(12) as usize;
+    if len > MAX_MESSAGE {
+        return Err(std::io::Error::other("a malformed reply"));
+    }
     let mut msg = vec![0u8; len];
     r.read_exact(&mut msg)?;
     Ok(Reply {
@@ -75,7 +82,7 @@ fn write_reply(
     height: u32,
     message: &str,
 ) -> std::io::Result<()> {
-    let msg = message.as_bytes();
+    let msg = &message.as_bytes()[..message.len().min(MAX_MESSAGE)];
     let mut frame = Vec::with_capacity(16 + msg.len());
     for x in [status, width, height, msg.len() as u32] {
         frame.extend_from_slice(&x.to_le_bytes());
@@ -164,6 +171,9 @@ impl Helper {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            // Its own process group: a Ctrl-C meant for simclr does not kill the helpers in
+            // the middle of a call (simclr finishes its calls, then closes their pipes).
+            .process_group(0)
             .spawn();
         let mut child = match spawned {
             Ok(c) => c,
@@ -180,17 +190,18 @@ impl Helper {
             return Err("the helper has no pipes".into());
         };
         let (tx, replies) = bounded(1);
-        std::thread::Builder::new()
-            .name("plugin-helper".into())
-            .spawn(move || loop {
-                let r = read_reply(&mut stdout);
-                let end = r.is_err();
-                if tx.send(r).is_err() || end {
-                    return;
-                }
-            })
-            .map_err(|e| format!("cannot start a thread: {e}"))?;
+        let reader = std::thread::Builder::new().name("plugin-helper".into()).spawn(move || loop {
+            let r = read_reply(&mut stdout);
+            let end = r.is_err();
+            if tx.send(r).is_err() || end {
+                return;
+            }
+        });
         let mut helper = Helper { child, stdin, shm, replies };
+        if let Err(e) = reader {
+            let _ = std::fs::remove_file(&path);
+            return Err(format!("cannot start a thread: {e}")); // (dropping `helper` kills it)
+        }
         // The handshake: the helper loaded the plugin and made the instance (or says why not).
         let ready = helper.reply(Duration::from_secs(60));
         let _ = std::fs::remove_file(&path);
@@ -219,9 +230,20 @@ impl Helper {
         }
     }
 
-    /// How the helper ended.
+    /// How the helper ended (killed if it still runs a moment after closing its output).
     fn death(&mut self) -> String {
         use std::os::unix::process::ExitStatusExt;
+        for _ in 0..100 {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            return "closed its output and stopped answering (the helper was killed)".into();
+        }
         match self.child.wait() {
             Ok(s) => match (s.signal(), s.code()) {
                 (Some(sig), _) => format!("crashed with {}", signal_name(sig)),
@@ -234,6 +256,11 @@ impl Helper {
 
     fn call(&mut self, img: &mut Image, seed: u64, timeout: Duration) -> Result<(), Failure> {
         let io = |e: std::io::Error| Failure::Helper(format!("cannot exchange a view with the helper: {e}"));
+        // A helper that died while idle (e.g. killed for memory): writing to its pipe would
+        // raise SIGPIPE in simclr.
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return Err(Failure::Helper(self.death()));
+        }
         self.shm.write_all_at(&img.data, 0).map_err(io)?;
         let mut req = [0u8; 24];
         req[..8].copy_from_slice(&seed.to_le_bytes());
@@ -247,8 +274,14 @@ impl Helper {
         if r.status != 0 {
             return Err(Failure::Plugin(r.message));
         }
-        let len = r.width as usize * r.height as usize * 3;
-        let mut data = vec![0u8; len];
+        let pixels = u64::from(r.width) * u64::from(r.height);
+        if r.width > super::MAX_SIDE || r.height > super::MAX_SIDE || pixels > super::MAX_OUTPUT_PIXELS {
+            return Err(Failure::Helper(format!(
+                "answered an output of {}x{} (out of bounds)",
+                r.width, r.height
+            )));
+        }
+        let mut data = vec![0u8; pixels as usize * 3];
         self.shm.read_exact_at(&mut data, 0).map_err(io)?;
         *img = Image { width: r.width, height: r.height, data };
         Ok(())
@@ -280,11 +313,15 @@ impl IsolatedStage {
         Ok(IsolatedStage { plugin, kind, config, views, isolation, pool: Mutex::new(vec![first]) })
     }
 
+    /// An idle, live helper, or a new one (an idle helper can end without a call failing, e.g.
+    /// killed for memory).
     fn take(&self) -> Result<Helper, String> {
-        let idle = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        match idle {
-            Some(h) => Ok(h),
-            None => Helper::spawn(&self.plugin, &self.kind, &self.config),
+        loop {
+            let idle = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let Some(mut h) = idle else { return Helper::spawn(&self.plugin, &self.kind, &self.config) };
+            if matches!(h.child.try_wait(), Ok(None)) {
+                return Ok(h);
+            } // else dropped: reaped
         }
     }
 }
@@ -329,13 +366,15 @@ impl MapStage for IsolatedStage {
     }
 }
 
-/// `simclr __plugin-host LIBRARY KIND CONFIG SHM`: the helper's side. Returns the exit code.
-pub fn helper_main(args: &[String]) -> i32 {
+/// `simclr __plugin-host LIBRARY KIND CONFIG SHM`: the helper's side, answering on `replies`
+/// (the process's original stdout: the caller points fd 1 elsewhere, so that what the plugin
+/// prints cannot corrupt the replies). Returns the exit code.
+pub fn helper_main(args: &[String], replies: File) -> i32 {
     let [lib, kind, config, shm] = args else {
         eprintln!("usage: simclr {HOST_ARG} LIBRARY KIND CONFIG SHM (started by simclr itself)");
         return 2;
     };
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::new(replies);
     let setup = (|| {
         let plugin = load(std::path::Path::new(lib)).map_err(|e| format!("{}: {}", lib, e.problem))?;
         let k = plugin

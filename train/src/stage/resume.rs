@@ -62,6 +62,7 @@ impl TrainSink {
             steps_per_epoch: self.steps_per_epoch,
             finished: partial.is_none() && self.ckpt.epochs_done >= self.cfg.epochs,
             partial,
+            base_lr: self.base_lr,
         };
         Ok(Checkpoint { meta, tensors })
     }
@@ -194,6 +195,7 @@ impl TrainSink {
             ))
         })?;
         self.step = m.step;
+        self.base_lr = m.base_lr.or(self.base_lr);
         self.steps_per_epoch = m.steps_per_epoch.or(self.cfg.steps_per_epoch);
         self.ckpt.epochs_done = m.epochs_done;
         self.ckpt.start_epoch = m.epochs_done;
@@ -461,6 +463,7 @@ mod tests {
                     lr: 1.0 / 3.0,
                     ..Default::default()
                 }),
+                base_lr: Some(0.3 * 4.0 / 256.0),
             };
             Checkpoint { meta: meta.clone(), tensors: saved.clone() }.write(dir.path()).unwrap();
             let back = Checkpoint::read(dir.path()).unwrap();
