@@ -107,6 +107,14 @@ fn cc_plugin(dir: &Path, name: &str, source: &str) -> PathBuf {
     lib
 }
 
+/// The C example plugin (`plugins/examples/posterize`) built into a fresh folder: (folder, library).
+fn posterize_plugin() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let source = std::fs::read_to_string(root().join("plugins/examples/posterize/posterize.c")).unwrap();
+    let lib = cc_plugin(dir.path(), "posterize", &source);
+    (dir, lib)
+}
+
 fn bench_digest(file: &Path, plugin_path: &Path, extra: &[&str]) -> serde_json::Value {
     let out = simclr()
         .env("SIMCLR_PLUGIN_PATH", plugin_path)
@@ -151,9 +159,7 @@ fn rust_example_same_digest_for_1_and_2_threads_and_same_as_its_builtin_twin() {
 #[test]
 fn plugin_pipelines_pass_the_schema_with_their_plugins() {
     require_cc!();
-    let dir = tempfile::tempdir().unwrap();
-    let source = std::fs::read_to_string(root().join("plugins/examples/posterize/posterize.c")).unwrap();
-    let posterize = cc_plugin(dir.path(), "posterize", &source);
+    let (_dir, posterize) = posterize_plugin();
     for (lib, file) in [
         (motion_blur_plugin().to_path_buf(), "pipelines/plugin-motion-blur.yaml"),
         (posterize.clone(), "pipelines/plugin-posterize.yaml"),
@@ -175,9 +181,7 @@ fn plugin_pipelines_pass_the_schema_with_their_plugins() {
 #[test]
 fn c_example_same_digest_for_1_and_2_threads() {
     require_cc!();
-    let dir = tempfile::tempdir().unwrap();
-    let source = std::fs::read_to_string(root().join("plugins/examples/posterize/posterize.c")).unwrap();
-    cc_plugin(dir.path(), "posterize", &source);
+    let (dir, _) = posterize_plugin();
     let file = root().join("pipelines/plugin-posterize.yaml");
     let one = bench_digest(&file, dir.path(), &["--threads", "1", "--samples", "500"]);
     let two = bench_digest(&file, dir.path(), &["--threads", "2", "--samples", "500"]);
@@ -192,9 +196,7 @@ fn c_example_same_digest_for_1_and_2_threads() {
 #[test]
 fn posterize_is_the_identity_at_8_bits_or_p_0_and_honours_views() {
     require_cc!();
-    let dir = tempfile::tempdir().unwrap();
-    let source = std::fs::read_to_string(root().join("plugins/examples/posterize/posterize.c")).unwrap();
-    cc_plugin(dir.path(), "posterize", &source);
+    let (dir, _) = posterize_plugin();
     // With bits: 8 it is the identity; with p: 0 too.
     let file = root().join("pipelines/plugin-posterize.yaml");
     let off = bench_digest(&file, dir.path(), &["--samples", "100", "--set", "post=off"]);
@@ -710,9 +712,7 @@ fn an_isolated_plugin_crashing_on_some_samples_is_skipped_with_on_error_skip() {
 #[test]
 fn isolated_and_in_process_plugins_give_the_same_bits() {
     require_cc!();
-    let dir = tempfile::tempdir().unwrap();
-    let source = std::fs::read_to_string(root().join("plugins/examples/posterize/posterize.c")).unwrap();
-    cc_plugin(dir.path(), "posterize", &source);
+    let (dir, _) = posterize_plugin();
     let plain = root().join("pipelines/plugin-posterize.yaml");
     let isolated = root().join("pipelines/plugin-posterize-isolated.yaml");
     let a = bench_digest(&plain, dir.path(), &["--threads", "2", "--samples", "300"]);

@@ -26,13 +26,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError};
-use rand::RngCore;
 
 use crate::error::StageError;
-use crate::sample::{Image, Payload, Sample};
+use crate::sample::{Image, Sample};
 use crate::stage::{MapStage, SampleCtx};
 
-use super::stage::{create_instance, PluginStage};
+use super::stage::{create_instance, each_view, view_failed, PluginStage};
 use super::{load, LoadedPlugin};
 
 /// The environment variable naming the helper executable (default: this executable).
@@ -328,41 +327,28 @@ impl IsolatedStage {
 
 impl MapStage for IsolatedStage {
     fn apply(&self, sample: &mut Sample, ctx: &SampleCtx) -> Result<(), StageError> {
-        let Payload::Views(images) = &mut sample.payload else {
-            return Err(StageError::fatal(
-                "this stage needs decoded image views; put it after `decode`/`views`",
-            ));
-        };
-        let name = &self.plugin.file_name;
-        for (v, img) in images.iter_mut().enumerate() {
-            let v = v as u32;
-            if self.views.as_ref().is_some_and(|sel| !sel.contains(&v)) {
-                continue;
-            }
-            let seed = ctx.rng(v).next_u64();
-            let mut helper = self.take().map_err(|e| {
-                StageError::fatal(format!("plugin '{name}' (kind '{}', isolated): {e}", self.kind))
-            })?;
+        let (name, kind) = (&self.plugin.file_name, &self.kind);
+        each_view(sample, self.views.as_deref(), ctx, |v, img, seed| {
+            let mut helper = self
+                .take()
+                .map_err(|e| StageError::fatal(format!("plugin '{name}' (kind '{kind}', isolated): {e}")))?;
             match helper.call(img, seed, self.isolation.timeout) {
-                Ok(()) => self.pool.lock().unwrap_or_else(|e| e.into_inner()).push(helper),
+                Ok(()) => {
+                    self.pool.lock().unwrap_or_else(|e| e.into_inner()).push(helper);
+                    Ok(())
+                }
                 // The helper is fine: the plugin refused this view, as in-process.
                 Err(Failure::Plugin(m)) => {
                     self.pool.lock().unwrap_or_else(|e| e.into_inner()).push(helper);
-                    return Err(StageError::fatal(format!(
-                        "plugin '{name}' (kind '{}') failed on sample {}, view {v}: {m}",
-                        self.kind, ctx.index
-                    )));
+                    Err(view_failed(name, kind, ctx.index, v, &m))
                 }
                 // The helper is dropped (killed); the next call starts another.
-                Err(Failure::Helper(m)) => {
-                    return Err(StageError::data(format!(
-                        "plugin '{name}' (kind '{}', isolated) {m} on sample {}, view {v}",
-                        self.kind, ctx.index
-                    )));
-                }
+                Err(Failure::Helper(m)) => Err(StageError::data(format!(
+                    "plugin '{name}' (kind '{kind}', isolated) {m} on sample {}, view {v}",
+                    ctx.index
+                ))),
             }
-        }
-        Ok(())
+        })
     }
 }
 

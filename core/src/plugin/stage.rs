@@ -395,27 +395,40 @@ impl PluginStage {
     }
 }
 
+/// Calls `f(view, image, seed)` on each view of the sample that `views` selects (all when
+/// None), with one u64 of the view's own random stream: the same seed whatever the scheduling,
+/// in-process or isolated.
+pub(super) fn each_view(
+    sample: &mut Sample,
+    views: Option<&[u32]>,
+    ctx: &SampleCtx,
+    mut f: impl FnMut(u32, &mut Image, u64) -> Result<(), StageError>,
+) -> Result<(), StageError> {
+    let Payload::Views(images) = &mut sample.payload else {
+        return Err(StageError::fatal("this stage needs decoded image views; put it after `decode`/`views`"));
+    };
+    for (v, img) in images.iter_mut().enumerate() {
+        let v = v as u32;
+        if views.is_some_and(|sel| !sel.contains(&v)) {
+            continue;
+        }
+        f(v, img, ctx.rng(v).next_u64())?;
+    }
+    Ok(())
+}
+
+/// The error of a plugin refusing a view (its own error code or a failed output check).
+pub(super) fn view_failed(file_name: &str, kind: &str, sample: u64, view: u32, e: &str) -> StageError {
+    StageError::fatal(format!(
+        "plugin '{file_name}' (kind '{kind}') failed on sample {sample}, view {view}: {e}"
+    ))
+}
+
 impl MapStage for PluginStage {
     fn apply(&self, sample: &mut Sample, ctx: &SampleCtx) -> Result<(), StageError> {
-        let Payload::Views(images) = &mut sample.payload else {
-            return Err(StageError::fatal(
-                "this stage needs decoded image views; put it after `decode`/`views`",
-            ));
-        };
-        for (v, img) in images.iter_mut().enumerate() {
-            let v = v as u32;
-            if self.views.as_ref().is_some_and(|sel| !sel.contains(&v)) {
-                continue;
-            }
-            // One u64 of the view's own random stream: the same seed whatever the scheduling.
-            let seed = ctx.rng(v).next_u64();
-            self.process(img, seed).map_err(|e| {
-                StageError::fatal(format!(
-                    "plugin '{}' (kind '{}') failed on sample {}, view {v}: {e}",
-                    self.plugin.file_name, self.plugin.kinds[self.kind].name, ctx.index
-                ))
-            })?;
-        }
-        Ok(())
+        let kind = &self.plugin.kinds[self.kind].name;
+        each_view(sample, self.views.as_deref(), ctx, |v, img, seed| {
+            self.process(img, seed).map_err(|e| view_failed(&self.plugin.file_name, kind, ctx.index, v, &e))
+        })
     }
 }
