@@ -227,6 +227,17 @@ pub struct SimclrTrain {
     /// the CPU's (lavapipe, for tests). `simclr selftest --device D` checks one against the CPU.
     #[serde(default = "cpu")]
     pub device: String,
+    /// Data-parallel training on several devices of this machine, one peer (rank) each, e.g.
+    /// `[cuda:0, cuda:1]` (repeated `cpu` entries are allowed, for tests). `batch_size` stays the
+    /// global batch: each device trains on its share, NT-Xent sees the negatives of the whole
+    /// batch and the gradients are summed, so the run matches one device with the whole batch.
+    /// Replaces `device`. Several processes or machines: `simclr run --world-size` (README).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<String>>,
+    /// `global | local` with several peers: BatchNorm statistics over the global batch (the
+    /// paper's "global BN", default) or over each device's share. One peer: no effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_norm: Option<BatchNormMode>,
     /// Write one metrics line every this many steps (epoch lines always; default 1).
     #[serde(default = "one_u")]
     pub log_every: u64,
@@ -243,6 +254,16 @@ pub struct SimclrTrain {
     /// `metrics.jsonl` as `"type": "monitor"` lines (default off).
     #[serde(default)]
     pub monitor: Option<MonitorConfig>,
+}
+
+/// `batch_norm:` of `simclr_train`.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchNormMode {
+    /// Statistics over all peers' samples (sums all-reduced forward and backward).
+    Global,
+    /// Statistics over each peer's own samples.
+    Local,
 }
 
 /// `monitor:` of `simclr_train`.
@@ -343,6 +364,16 @@ impl SimclrTrain {
     }
 
     /// Every semantic problem of the config.
+    /// The devices of this process: `devices`, or `device` alone.
+    pub fn local_devices(&self) -> Vec<String> {
+        self.devices.clone().filter(|d| !d.is_empty()).unwrap_or_else(|| vec![self.device.clone()])
+    }
+
+    /// Whether BatchNorm statistics are shared across peers (the default with several).
+    pub fn global_bn(&self) -> bool {
+        self.batch_norm != Some(BatchNormMode::Local)
+    }
+
     pub fn problems(&self) -> Vec<Problem> {
         let mut out = Vec::new();
         if !(self.width.is_finite() && self.width > 0.0 && self.width <= 16.0) {
@@ -361,6 +392,31 @@ impl SimclrTrain {
                 "`warmup_epochs` must be zero or positive",
                 "e.g. `warmup_epochs: 10`",
             ));
+        }
+        if let Some(d) = &self.devices {
+            if d.is_empty() {
+                out.push(Problem::new(
+                    "devices",
+                    "`devices` is empty",
+                    "list at least one, e.g. `devices: [cuda:0, cuda:1]`",
+                ));
+            }
+            if self.device != "cpu" {
+                out.push(Problem::new(
+                    "devices",
+                    "`device` and `devices` are both set",
+                    "keep `devices` (one entry per device) and remove `device`",
+                ));
+            }
+            for e in d {
+                if let Err(msg) = crate::device::DeviceSpec::parse(e) {
+                    out.push(Problem::new(
+                        "devices",
+                        format!("{msg} in `devices`"),
+                        crate::device::DEVICE_HINT,
+                    ));
+                }
+            }
         }
         if self.steps_per_epoch == Some(0) {
             out.push(Problem::new(

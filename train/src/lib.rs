@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod device;
+pub mod dist;
 pub mod eval;
 pub mod export;
 pub mod loss;

@@ -135,7 +135,7 @@ impl<B: Backend> BatchNorm<B> {
                     let c = out.mean.len();
                     let mean = Tensor::<B, 1>::from_data(TensorData::new(out.mean, [c]), &device);
                     let var = Tensor::<B, 1>::from_data(TensorData::new(out.var, [c]), &device);
-                    self.update_running(mean, var, count);
+                    self.update_running(mean, var, out.count);
                     return out.y;
                 }
                 Err(i) => i,

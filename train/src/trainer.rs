@@ -11,6 +11,8 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::config::SimclrTrain;
 use crate::device::{panic_message, with_backend, DeviceInfo, DeviceSpec, OnBackend};
+use crate::dist::gather::{all_reduce_grads, gather_views};
+use crate::dist::PeerHandle;
 use crate::export::{named_tensors, NamedTensor};
 use crate::loss::{contrast_stats, contrastive_loss};
 use crate::model::SimclrModel;
@@ -66,13 +68,29 @@ pub struct Trainer<B: AutodiffBackend> {
     pub(crate) model: Option<SimclrModel<B>>,
     pub(crate) opt: Optimizer<B::InnerBackend>,
     steps: u64,
+    /// The other ranks of a data-parallel run (none: alone).
+    peer: Option<PeerHandle>,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
     pub fn new(cfg: &SimclrTrain, seed: u64, device: B::Device) -> Self {
         B::seed(&device, seed);
         let model = SimclrModel::new(cfg, seed, &device);
-        Self { cfg: cfg.clone(), device, model: Some(model), opt: Optimizer::new(&cfg.optimizer), steps: 0 }
+        Self {
+            cfg: cfg.clone(),
+            device,
+            model: Some(model),
+            opt: Optimizer::new(&cfg.optimizer),
+            steps: 0,
+            peer: None,
+        }
+    }
+
+    /// One rank of a data-parallel run: each step trains on this rank's share of the global
+    /// batch with the others' projections as negatives and sums the gradients.
+    pub fn with_peer(mut self, peer: PeerHandle) -> Self {
+        self.peer = Some(peer).filter(|p| p.world() > 1);
+        self
     }
 
     pub fn model(&self) -> &SimclrModel<B> {
@@ -101,16 +119,44 @@ impl<B: AutodiffBackend> Trainer<B> {
         data.extend_from_slice(view2);
         let x = Tensor::<B, 4>::from_data(TensorData::new(data, [2 * n, c, h, w]), &self.device);
         let model = self.model.take().expect("model present between steps");
-        let (_, z) = model.forward(x);
+        let peer = self.peer.clone();
+        let bn_peer = peer.clone().filter(|_| self.cfg.global_bn());
+        let (_, z) = crate::cpu::batchnorm::with_global_stats(bn_peer, || model.forward(x));
+        let fail = |this: &mut Self, model, e: crate::dist::PeerError| {
+            this.model = Some(model);
+            Err(StepError::Other(e.to_string()))
+        };
+        let (z, world) = match &peer {
+            Some(p) => {
+                if let Some(e) = p.take_error() {
+                    return fail(self, model, e);
+                }
+                match gather_views(z, p) {
+                    Ok(z) => (z, p.world()),
+                    Err(e) => return fail(self, model, e),
+                }
+            }
+            None => (z, 1),
+        };
         let out = contrastive_loss(z, &self.cfg.loss);
         let loss = f64::from(out.loss.clone().into_data().convert::<f32>().to_vec::<f32>().expect("f32")[0]);
+        // Every rank computed the same loss from the same gathered projections: they all stop
+        // here together.
         if !loss.is_finite() {
             self.model = Some(model);
             return Err(StepError::NonFinite(loss));
         }
         let logits = out.logits.detach().into_data().convert::<f32>().to_vec::<f32>().expect("f32");
-        let (contrast_acc, contrast_entropy) = contrast_stats(&logits, 2 * n);
-        let grads = GradientsParams::from_grads(out.loss.backward(), &model);
+        let (contrast_acc, contrast_entropy) = contrast_stats(&logits, 2 * n * world);
+        let mut grads = GradientsParams::from_grads(out.loss.backward(), &model);
+        if let Some(p) = &peer {
+            if let Some(e) = p.take_error() {
+                return fail(self, model, e);
+            }
+            if let Err(e) = all_reduce_grads(&model, &mut grads, p, &self.device) {
+                return fail(self, model, e);
+            }
+        }
         self.model = Some(self.opt.step(model, grads, lr));
         self.steps += 1;
         Ok(StepStats { loss, contrast_acc, contrast_entropy })
@@ -194,16 +240,34 @@ impl<B: AutodiffBackend> Engine for Trainer<B> {
     }
 }
 
-/// A trainer for `cfg.device`.
+/// A trainer for `cfg.device`, or for `cfg.devices` / a process group (data parallel:
+/// [`crate::dist::engine::MultiEngine`]).
 pub fn make_engine(cfg: &SimclrTrain, seed: u64) -> Result<Box<dyn Engine>, String> {
-    struct Make<'a>(&'a SimclrTrain, u64);
+    if cfg.local_devices().len() > 1 || crate::dist::process_group().is_some() {
+        return crate::dist::engine::MultiEngine::start(cfg, seed).map(|e| Box::new(e) as Box<dyn Engine>);
+    }
+    make_engine_on(cfg, &cfg.device, seed, None)
+}
+
+/// A trainer on `device`, one rank of a data-parallel run when `peer` is given.
+pub(crate) fn make_engine_on(
+    cfg: &SimclrTrain,
+    device: &str,
+    seed: u64,
+    peer: Option<PeerHandle>,
+) -> Result<Box<dyn Engine>, String> {
+    struct Make<'a>(&'a SimclrTrain, u64, Option<PeerHandle>);
     impl OnBackend for Make<'_> {
         type Output = Box<dyn Engine>;
         fn run<B: AutodiffBackend>(self, device: B::Device, _: &DeviceInfo) -> Box<dyn Engine> {
-            Box::new(Trainer::<B>::new(self.0, self.1, device))
+            let t = Trainer::<B>::new(self.0, self.1, device);
+            Box::new(match self.2 {
+                Some(p) => t.with_peer(p),
+                None => t,
+            })
         }
     }
-    with_backend(DeviceSpec::parse(&cfg.device)?, Make(cfg, seed))
+    with_backend(DeviceSpec::parse(device)?, Make(cfg, seed, peer))
 }
 
 /// Metadata stored in `encoder.safetensors`.

@@ -21,7 +21,24 @@ use rayon::prelude::*;
 use simclr_core::multiversion;
 
 use super::{back, cast, flex, AdFlex};
+use crate::dist::PeerHandle;
 use burn::backend::Flex;
+
+thread_local! {
+    /// The peers BatchNorm shares its statistics with (global BN), set around a forward pass.
+    static GLOBAL_BN: std::cell::RefCell<Option<PeerHandle>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` (a forward pass) with training-mode BatchNorm computing its statistics over all of
+/// `peer`'s ranks: per-channel sums and the count all-reduced in the forward pass, and the
+/// input gradient's sums in the backward pass (the parameters' own gradients stay local: the
+/// trainer sums them over the ranks with the others).
+pub fn with_global_stats<R>(peer: Option<PeerHandle>, f: impl FnOnce() -> R) -> R {
+    let old = GLOBAL_BN.with(|g| g.replace(peer));
+    let out = f();
+    GLOBAL_BN.with(|g| *g.borrow_mut() = old);
+    out
+}
 
 /// The inputs of one BatchNorm call.
 pub struct BnInputs<B: Backend, const D: usize> {
@@ -41,6 +58,8 @@ pub struct BnTrained<B: Backend, const D: usize> {
     pub y: Tensor<B, D>,
     pub mean: Vec<f32>,
     pub var: Vec<f32>,
+    /// Values per channel the statistics are over (every rank's with global BN).
+    pub count: f64,
 }
 
 /// Training-mode BatchNorm on the CPU backend; the inputs back when `B` is another backend.
@@ -54,7 +73,12 @@ pub fn train<B: Backend, const D: usize>(
     let mut slot = Some(inputs);
     if let Some(i) = cast::<_, BnInputs<AdFlex, D>>(&mut slot) {
         let out = train_autodiff(i, eps);
-        return Ok(BnTrained { y: back::<AdFlex, B, D>(out.y), mean: out.mean, var: out.var });
+        return Ok(BnTrained {
+            y: back::<AdFlex, B, D>(out.y),
+            mean: out.mean,
+            var: out.var,
+            count: out.count,
+        });
     }
     match slot {
         Some(i) => Err(i),
@@ -127,13 +151,22 @@ struct Stats {
     mean: Vec<f64>,
     invstd: Vec<f64>,
     var: Vec<f64>,
+    /// Values per channel the statistics are over (all ranks' with global BN).
+    count: f64,
 }
 
-fn batch_stats(x: &[f32], geo: Geo, eps: f64) -> Stats {
-    let sums: Vec<(f64, f64)> =
+fn batch_stats(x: &[f32], geo: Geo, eps: f64, peer: Option<&PeerHandle>) -> Stats {
+    let mut sums: Vec<(f64, f64)> =
         (0..geo.c).into_par_iter().map(|ch| channel_sums(x, geo.n, geo.c, geo.r, ch)).collect();
-    let m = geo.count().max(1) as f64;
-    let mut s = Stats { mean: Vec::new(), invstd: Vec::new(), var: Vec::new() };
+    let mut m = geo.count() as f64;
+    if let Some(p) = peer {
+        let mut flat: Vec<f64> = sums.iter().flat_map(|(a, b)| [*a, *b]).chain([m]).collect();
+        p.sum_f64_or_record(&mut flat);
+        sums = flat.chunks_exact(2).map(|v| (v[0], v[1])).collect();
+        m = flat[2 * geo.c];
+    }
+    let m = m.max(1.0);
+    let mut s = Stats { mean: Vec::new(), invstd: Vec::new(), var: Vec::new(), count: m };
     for (sum, sq) in sums {
         let mean = sum / m;
         let var = (sq / m - mean * mean).max(0.0);
@@ -157,7 +190,8 @@ fn train_autodiff<const D: usize>(i: BnInputs<AdFlex, D>, eps: f64) -> BnTrained
     let xs = contiguous(x.primitive.clone());
     let gv: Vec<f32> = gamma.primitive.to_contiguous().storage::<f32>().to_vec();
     let bv: Vec<f32> = beta.primitive.to_contiguous().storage::<f32>().to_vec();
-    let stats = batch_stats(xs.storage(), geo, eps);
+    let peer = GLOBAL_BN.with(|g| g.borrow().clone()).filter(|p| p.world() > 1);
+    let stats = batch_stats(xs.storage(), geo, eps, peer.as_ref());
     let mean32: Vec<f32> = stats.mean.iter().map(|v| *v as f32).collect();
     let a: Vec<f32> = (0..geo.c).map(|c| (f64::from(gv[c]) * stats.invstd[c]) as f32).collect();
     let rs = res.as_ref().map(|r| contiguous(r.primitive.clone()));
@@ -170,6 +204,8 @@ fn train_autodiff<const D: usize>(i: BnInputs<AdFlex, D>, eps: f64) -> BnTrained
         mean: stats.mean.clone(),
         invstd: stats.invstd.clone(),
         geo,
+        count: stats.count,
+        peer,
     };
     let out = match res {
         Some(r) => {
@@ -191,6 +227,7 @@ fn train_autodiff<const D: usize>(i: BnInputs<AdFlex, D>, eps: f64) -> BnTrained
         y: Tensor::from_primitive(TensorPrimitive::Float(out)),
         mean: mean32,
         var: stats.var.iter().map(|v| *v as f32).collect(),
+        count: stats.count,
     }
 }
 
@@ -207,6 +244,10 @@ struct BnState {
     mean: Vec<f64>,
     invstd: Vec<f64>,
     geo: Geo,
+    /// Values per channel of the forward statistics.
+    count: f64,
+    /// Global BN: the input gradient's sums are all-reduced too.
+    peer: Option<PeerHandle>,
 }
 
 /// Parents: x, gamma, beta and (N = 4) the residual.
@@ -221,7 +262,7 @@ impl<const N: usize> Backward<Flex, N> for BnBackward {
         let xd: &[f32] = s.x.storage();
         let yd: Option<&[f32]> = s.y.as_ref().map(|y| y.storage());
         let dyd: &[f32] = dy.storage();
-        let m = geo.count().max(1) as f64;
+        let m = s.count;
         // Per channel: sum of g and of g * (x - mean), g = dy masked by the ReLU.
         let sums: Vec<(f64, f64)> = (0..geo.c)
             .into_par_iter()
@@ -237,6 +278,16 @@ impl<const N: usize> Backward<Flex, N> for BnBackward {
         let c = geo.c;
         let dgamma: Vec<f32> = (0..c).map(|ch| (sums[ch].1 * s.invstd[ch]) as f32).collect();
         let dbeta: Vec<f32> = sums.iter().map(|v| v.0 as f32).collect();
+        // Global BN: x's gradient needs the sums over every rank (gamma's and beta's stay
+        // local, the trainer sums those over the ranks).
+        let sums = match &s.peer {
+            Some(p) => {
+                let mut flat: Vec<f64> = sums.iter().flat_map(|(a, b)| [*a, *b]).collect();
+                p.sum_f64_or_record(&mut flat);
+                flat.chunks_exact(2).map(|v| (v[0], v[1])).collect()
+            }
+            None => sums,
+        };
         let want_x = want(0).is_some();
         let want_res = N == 4 && want(3).is_some();
         if want_x || want_res {
