@@ -57,6 +57,8 @@ enum Command {
         /// it started with).
         #[arg(long, value_name = "DIR")]
         resume: Option<PathBuf>,
+        #[command(flatten)]
+        dist: crate::dist_args::DistArgs,
     },
     /// Run every variant of a pipeline's `sweep:` section, then write a report
     /// (results.csv, results.md, chart.png). Rerun with the same --out to resume.
@@ -174,7 +176,7 @@ pub fn main() -> i32 {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SIMCLR_LOG")
                 // cubecl logs every kernel it autotunes at info level: noise for a user.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,cubecl_runtime=warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,cubecl_runtime=warn,burn_collective=warn,burn_communication=warn")),
         )
         .with_writer(std::io::stderr)
         // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org): logs
@@ -243,8 +245,9 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             print!("{}", crate::graph_text(&plan, matches!(format, GraphFormat::Mermaid)));
             Ok(())
         }
-        Command::Run { file, common, out, resume: None } => {
+        Command::Run { file, common, out, resume: None, dist } => {
             let plan = load(&file, &common.set, common.seed)?;
+            crate::dist_args::setup(&dist)?;
             if plan.spec.sweep.is_some() {
                 eprintln!(
                     "note: {} has a `sweep:` section; `run` runs the base pipeline, `simclr sweep` its variants",
@@ -253,9 +256,10 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             }
             run(&plan, &common, out)
         }
-        Command::Run { file, common, resume: Some(dir), .. } => {
+        Command::Run { file, common, resume: Some(dir), dist, .. } => {
             let plan = load(&file, &common.set, common.seed)?;
             check_resume(&plan, &file, &dir)?;
+            crate::dist_args::setup(&dist)?;
             run_in(&plan, &common, dir, true)
         }
         Command::Sweep { file, common, out, fail_fast } => sweep_cmd::sweep(&file, &common, out, fail_fast),

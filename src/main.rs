@@ -4,6 +4,7 @@
 
 mod bench_cmd;
 mod cli;
+mod dist_args;
 mod failure;
 mod kinds_cmd;
 mod load;

@@ -21,6 +21,14 @@ pub fn run_in(plan: &Plan, common: &Common, dir: PathBuf, resume: bool) -> Resul
     let mut opts = options(plan, common);
     opts.run_dir = Some(dir.clone());
     opts.resume = resume;
+    // A data-parallel run: rank 0 writes the run directory and evaluates; the others train.
+    let rank = simclr_train::dist::process_rank();
+    if rank > 0 {
+        opts.primary = false;
+        with_progress(&opts, || run_plan(plan, &opts, Mode::Full))?;
+        println!("rank {rank}: training done (rank 0 writes the run directory and evaluates)");
+        return Ok(());
+    }
     if !resume {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create the run directory {}", dir.display()))?;

@@ -200,6 +200,9 @@ pub fn run_plan(plan: &Plan, opts: &RunOptions, mode: Mode) -> Result<Vec<(Chain
         match unit {
             Unit::Chain(chain) => {
                 let mut stages = build_chain(plan, &chain, mode, opts.run_dir.as_deref(), &opts.artifacts)?;
+                if !opts.primary && stages.sink.1.share().is_none() {
+                    continue;
+                }
                 if opts.resume {
                     let (info, sink) = &mut stages.sink;
                     sink.resume().map_err(|e| RunError::stage(&info.id, &info.kind, e))?;
@@ -207,7 +210,7 @@ pub fn run_plan(plan: &Plan, opts: &RunOptions, mode: Mode) -> Result<Vec<(Chain
                 let report = run_chain(stages, opts)?;
                 out.push((chain, report));
             }
-            Unit::Task(i) if mode == Mode::Full => {
+            Unit::Task(i) if mode == Mode::Full && opts.primary => {
                 let s = &plan.stages[i];
                 let Stage::Task(mut task) = build(plan, i, opts.run_dir.as_deref(), &opts.artifacts)? else {
                     return Err(wrong_role(plan, i, "task"));

@@ -228,6 +228,12 @@ pub trait Sink: Send {
     fn interrupted(&mut self) -> Result<(), StageError> {
         Ok(())
     }
+    /// `(rank, world)` of a data-parallel sink, one of `world` processes: the runtime feeds this
+    /// process only its share of every global batch ([`crate::runtime::Share`]) and the batch
+    /// stage makes batches of `batch_size / world`. `None` (the default): everything.
+    fn share(&self) -> Option<(usize, usize)> {
+        None
+    }
 }
 
 /// Groups consecutive samples; sees them in dataset order.
@@ -255,6 +261,11 @@ pub trait Batcher: Send {
     /// A batcher for one worker (sharing buffers with this one).
     fn fork(&self) -> Option<Box<dyn Batcher>> {
         None
+    }
+    /// Makes this process's batches `1/world` of the configured (global) size, for a
+    /// data-parallel sink ([`Sink::share`]); returns the new size, or why it cannot.
+    fn split(&mut self, world: usize) -> Result<usize, String> {
+        Err(format!("this batch stage cannot be split across {world} processes"))
     }
     /// Takes a sample whose tensors `writer` still has to make (the stage before `batch`,
     /// fused into it): the same batches as `push` after that stage's `apply`. This default

@@ -323,6 +323,22 @@ impl BatchBuilder {
 }
 
 impl Batcher for BatchBuilder {
+    fn split(&mut self, world: usize) -> Result<usize, String> {
+        let b = self.cfg.batch_size;
+        if world == 0 || b % world != 0 {
+            return Err(format!(
+                "`batch_size: {b}` is the global batch and must split evenly across {world} processes: use a multiple of {world}"
+            ));
+        }
+        if !self.cfg.drop_last {
+            return Err(format!(
+                "`drop_last: false` would give the {world} processes unequal last batches: set `drop_last: true` for a multi-process run"
+            ));
+        }
+        self.cfg.batch_size = b / world;
+        Ok(self.cfg.batch_size)
+    }
+
     fn batches(&self, items: u64) -> Option<u64> {
         let b = self.cfg.batch_size.max(1) as u64;
         Some(if self.cfg.drop_last { items / b } else { items.div_ceil(b) })

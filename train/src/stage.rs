@@ -97,6 +97,10 @@ pub struct TrainSink {
     publish: Option<(String, Artifacts)>,
     monitor: Option<Monitor>,
     ckpt: resume::CkptState,
+    /// Processes of a data-parallel run and this one's rank: only rank 0 writes the run
+    /// directory (metrics, checkpoints, encoder) and runs the monitor.
+    world: usize,
+    rank: usize,
 }
 
 /// The kNN monitor's data.
@@ -124,6 +128,8 @@ impl TrainSink {
             publish: None,
             monitor: None,
             ckpt: resume::CkptState::default(),
+            world: crate::dist::process_world(),
+            rank: crate::dist::process_rank(),
         }
     }
 
@@ -142,7 +148,15 @@ impl TrainSink {
         }
     }
 
+    /// Whether this process writes the run directory (rank 0 of a data-parallel run).
+    pub(crate) fn writes(&self) -> bool {
+        self.rank == 0
+    }
+
     fn write_line(&mut self, line: serde_json::Value) -> Result<(), StageError> {
+        if !self.writes() {
+            return Ok(());
+        }
         crate::metrics_log::append_metrics(&mut self.metrics, self.run_dir.as_deref(), &line)
     }
 
@@ -174,7 +188,7 @@ impl TrainSink {
 
     /// kNN accuracy of the current encoder, every `monitor.every` epochs and after the last.
     fn run_monitor(&mut self, epoch: u32) -> Result<(), StageError> {
-        let Some(m) = &self.monitor else { return Ok(()) };
+        let Some(m) = self.monitor.as_ref().filter(|_| self.rank == 0) else { return Ok(()) };
         let done = epoch + 1;
         if !(done.is_multiple_of(m.cfg.every) || done >= self.cfg.epochs) {
             return Ok(());
@@ -222,7 +236,8 @@ impl Sink for TrainSink {
                 )))
             }
         };
-        let n = shape[0];
+        // The global batch (this process trains on its 1/world share of it).
+        let n = shape[0] * self.world;
 
         // Epoch bookkeeping: the first epoch's batches give steps_per_epoch.
         if self.epoch != Some(sample.epoch) {
@@ -292,7 +307,7 @@ impl Sink for TrainSink {
         self.end_epoch()?;
         self.epoch_completed(true)?;
         self.epoch = None;
-        if let Some(dir) = &self.run_dir {
+        if let Some(dir) = self.run_dir.as_ref().filter(|_| self.rank == 0) {
             let path = dir.join(simclr_core::run_dir::ENCODER_FILE);
             let meta = checkpoint_metadata(&self.cfg, self.engine.steps(), self.ckpt.epochs_done);
             write_safetensors(&path, &self.engine.encoder_tensors(), &meta)
@@ -331,6 +346,10 @@ impl Sink for TrainSink {
 
     fn interrupted(&mut self) -> Result<(), StageError> {
         self.save_on_interrupt()
+    }
+
+    fn share(&self) -> Option<(usize, usize)> {
+        (self.world > 1).then_some((self.rank, self.world))
     }
 }
 

@@ -48,6 +48,42 @@ pub fn epoch_order(
     Box::new(order.into_iter())
 }
 
+/// One process's share of a data-parallel run: of each global batch of `world x block`
+/// consecutive positions in an epoch's order, the block `rank` (the same samples, in the same
+/// order, as rows `rank x block..` of the batch one process would train on). Only whole global
+/// batches are shared (`drop_last`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Share {
+    pub rank: u64,
+    pub world: u64,
+    /// This process's batch size.
+    pub block: u64,
+}
+
+impl Share {
+    fn global(&self) -> u64 {
+        self.block * self.world
+    }
+    /// Positions an epoch of `len` shares (whole global batches).
+    pub fn shared_len(&self, len: u64) -> u64 {
+        len / self.global() * self.global()
+    }
+    /// Whether position `p` is this process's.
+    pub fn owns(&self, p: u64) -> bool {
+        (p / self.block) % self.world == self.rank
+    }
+    /// This process's positions among the first `p` of an epoch of `len`.
+    pub fn owned_before(&self, p: u64, len: u64) -> u64 {
+        let p = p.min(self.shared_len(len));
+        let (full, rest) = (p / self.global(), p % self.global());
+        full * self.block + rest.saturating_sub(self.rank * self.block).min(self.block)
+    }
+    /// Where the run stands once the global batch holding position `p` is trained: its end.
+    pub fn batch_end(&self, p: u64) -> u64 {
+        (p / self.global() + 1) * self.global()
+    }
+}
+
 /// How many samples a run of the chain delivers, from which epoch.
 pub(super) struct EpochPlan {
     /// Items in the source.
@@ -59,6 +95,14 @@ pub(super) struct EpochPlan {
     pub(super) epochs: u32,
     /// Samples the run delivers.
     pub(super) total: u64,
+}
+
+/// [`EpochPlan::total`] for one process of a data-parallel run.
+pub(super) fn shared_total(plan: &EpochPlan, per_epoch: u64, share: &Share, max_samples: Option<u64>) -> u64 {
+    let per = share.owned_before(u64::MAX, per_epoch);
+    per.saturating_mul(u64::from(plan.epochs - plan.first_epoch))
+        .saturating_sub(share.owned_before(plan.offset, per_epoch))
+        .min(max_samples.unwrap_or(u64::MAX))
 }
 
 /// The run's epochs and sample count; refuses a run whose epochs give the sink no batch.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
 mod epochs;
-pub use epochs::{epoch_len, epoch_order};
+pub use epochs::{epoch_len, epoch_order, Share};
 use epochs::{epoch_plan, EpochPlan};
 
 use crate::error::{RunError, StageError};
@@ -79,6 +79,9 @@ pub struct RunOptions {
     /// Continue the run in `run_dir`: sinks restore their state ([`Sink::resume`]) and the
     /// data starts at the first sink's [`Sink::start_epoch`].
     pub resume: bool,
+    /// Rank 0 of a data-parallel run, or alone (the default): runs everything. The other ranks
+    /// run only the data-parallel training chains ([`Sink::share`]): evaluation is rank 0's.
+    pub primary: bool,
 }
 
 impl Default for RunOptions {
@@ -97,6 +100,7 @@ impl Default for RunOptions {
             run_dir: None,
             artifacts: crate::artifact::Artifacts::default(),
             resume: false,
+            primary: true,
         }
     }
 }
@@ -215,8 +219,26 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
     let started = Instant::now();
     let ChainStages { source: (source_info, source), maps, mut batch, sink: (sink_info, mut sink) } = chain;
     let src_opts = source.options();
-    let EpochPlan { len, first_epoch, offset, epochs, total } =
-        epoch_plan(source.as_ref(), batch.as_ref(), sink.as_ref(), &source_info, &sink_info, opts)?;
+    let share = data_parallel_share(sink.as_ref(), &sink_info, batch.as_mut(), src_opts.on_error)?;
+    let plan = epoch_plan(source.as_ref(), batch.as_ref(), sink.as_ref(), &source_info, &sink_info, opts)?;
+    let per_epoch = epoch_len(plan.len, &src_opts);
+    let total = match &share {
+        Some(s) if s.shared_len(per_epoch) == 0 && plan.epochs > 0 => {
+            return Err(RunError::Refused {
+                stage: sink_info.id.clone(),
+                kind: sink_info.kind.clone(),
+                message: format!(
+                    "an epoch of {per_epoch} samples holds no whole global batch of {} ({} processes x {}); lower `batch_size`",
+                    s.block * s.world,
+                    s.world,
+                    s.block
+                ),
+            })
+        }
+        Some(s) => epochs::shared_total(&plan, per_epoch, s, opts.max_samples),
+        None => plan.total,
+    };
+    let EpochPlan { len, first_epoch, offset, epochs, .. } = plan;
     let threads = opts.threads.max(1);
     opts.progress_total.fetch_add(total, Ordering::Relaxed);
 
@@ -255,6 +277,8 @@ pub fn run_chain(chain: ChainStages, opts: &RunOptions) -> Result<RunReport, Run
     let feeder = Feeder {
         source_id: source_info.id.clone(),
         len,
+        per_epoch,
+        share,
         opts: src_opts,
         seed,
         first_epoch,
@@ -510,6 +534,10 @@ fn worker_batchers(
 struct Feeder {
     source_id: String,
     len: u64,
+    /// Items an epoch yields (after `limit` and `shard`).
+    per_epoch: u64,
+    /// A data-parallel process's share of each global batch.
+    share: Option<Share>,
     opts: SourceOptions,
     seed: u64,
     first_epoch: u32,
@@ -542,11 +570,25 @@ impl Feeder {
                     break 'epochs;
                 }
                 let take = self.chunk.min(usize::try_from(room).unwrap_or(usize::MAX));
-                let items: Vec<Sample> = order
-                    .by_ref()
-                    .take(take)
-                    .map(|index| Sample { index, epoch, ..Sample::default() })
-                    .collect();
+                let end_pos = self.share.map(|s| s.shared_len(self.per_epoch));
+                let mut items = Vec::with_capacity(take);
+                let mut pos = Vec::with_capacity(take);
+                while items.len() < take {
+                    if end_pos.is_some_and(|e| next_pos >= e) {
+                        break;
+                    }
+                    let Some(index) = order.next() else { break };
+                    let p = next_pos;
+                    next_pos += 1;
+                    match self.share {
+                        // Another process's block: not read here.
+                        Some(s) if !s.owns(p) => continue,
+                        // A process is as far as the global batch it helps train.
+                        Some(s) => pos.push(s.batch_end(p) - 1),
+                        None => pos.push(p),
+                    }
+                    items.push(Sample { index, epoch, ..Sample::default() });
+                }
                 if items.is_empty() {
                     break;
                 }
@@ -564,12 +606,10 @@ impl Feeder {
                     break 'epochs;
                 }
                 let count = items.len() as u64;
-                let pos: Vec<u64> = (next_pos..next_pos + count).collect();
-                next_pos += count;
+                let end = self.share.map_or(next_pos, |s| s.batch_end(next_pos - 1));
                 let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
                 self.peak.fetch_max(now, Ordering::SeqCst);
-                let chunk =
-                    Chunk { seq, items, pos, end: (epoch, next_pos), skipped: Vec::new(), batched: None };
+                let chunk = Chunk { seq, items, pos, end: (epoch, end), skipped: Vec::new(), batched: None };
                 if self.out.send(chunk).is_err() {
                     break 'epochs;
                 }
@@ -578,6 +618,32 @@ impl Feeder {
             }
         }
     }
+}
+
+/// The share of a data-parallel sink ([`Sink::share`]): its batch stage split, or why not.
+fn data_parallel_share(
+    sink: &dyn Sink,
+    sink_info: &StageInfo,
+    batch: Option<&mut (StageInfo, Box<dyn Batcher>)>,
+    on_error: OnError,
+) -> Result<Option<Share>, RunError> {
+    let Some((rank, world)) = sink.share().filter(|(_, w)| *w > 1) else { return Ok(None) };
+    let refuse = |stage: &StageInfo, message: String| RunError::Refused {
+        stage: stage.id.clone(),
+        kind: stage.kind.clone(),
+        message,
+    };
+    let Some((binfo, b)) = batch else {
+        return Err(refuse(sink_info, format!("a run over {world} processes needs a `batch` stage before this one")));
+    };
+    if on_error == OnError::Skip {
+        return Err(refuse(
+            sink_info,
+            format!("the source's `on_error: skip` would give the {world} processes unequal batches; use `on_error: fail` for a multi-process run"),
+        ));
+    }
+    let block = b.split(world).map_err(|m| refuse(binfo, m))?;
+    Ok(Some(Share { rank: rank as u64, world: world as u64, block: block as u64 }))
 }
 
 fn seg_is_own(seg: &[OpInfo], fuse: bool) -> bool {

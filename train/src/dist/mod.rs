@@ -17,6 +17,8 @@ pub mod collective;
 pub mod engine;
 pub mod gather;
 
+pub use collective::check_process_group;
+
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;

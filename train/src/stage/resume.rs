@@ -68,7 +68,7 @@ impl TrainSink {
     }
 
     fn write_checkpoint(&mut self, c: &Checkpoint) -> Result<(), StageError> {
-        let Some(dir) = &self.run_dir else { return Ok(()) };
+        let Some(dir) = self.run_dir.as_ref().filter(|_| self.writes()) else { return Ok(()) };
         c.write(dir).map_err(fatal)?;
         self.ckpt.on_disk = Some(c.meta.epochs_done);
         self.ckpt.pending = None;
@@ -218,7 +218,9 @@ impl TrainSink {
             };
         }
         let (epoch, step) = (m.epochs_done, m.step);
-        truncate_metrics(&dir.join(simclr_core::run_dir::METRICS_FILE), epoch, step)?;
+        if self.writes() {
+            truncate_metrics(&dir.join(simclr_core::run_dir::METRICS_FILE), epoch, step)?;
+        }
         let consumed = m.partial.as_ref().map_or(0, |p| p.consumed);
         self.write_line(
             serde_json::json!({"type": "resume", "epoch": epoch, "step": step, "consumed": consumed}),
