@@ -176,7 +176,11 @@ pub fn main() -> i32 {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SIMCLR_LOG")
                 // cubecl logs every kernel it autotunes at info level: noise for a user.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,cubecl_runtime=warn,burn_collective=warn,burn_communication=warn")),
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new(
+                        "info,cubecl_runtime=warn,burn_collective=warn,burn_communication=warn",
+                    )
+                }),
         )
         .with_writer(std::io::stderr)
         // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org): logs

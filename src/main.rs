@@ -29,7 +29,30 @@ fn main() {
     if args.get(1).map(String::as_str) == Some(simclr_core::plugin::isolate::HOST_ARG) {
         std::process::exit(plugin_host(&args[2..]));
     }
+    quiet_engine_panics();
     std::process::exit(cli::main());
+}
+
+/// burn's collective engine panics on its own runtime threads when a peer's connection drops;
+/// the rank then fails with an error naming the lost ranks, so the engine's panic is one line,
+/// not a backtrace. Every other panic goes to the default hook.
+fn quiet_engine_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let in_engine = info.location().is_some_and(|l| l.file().contains("burn-collective"))
+            || std::thread::current().name().is_some_and(|n| n.starts_with("tokio"));
+        if in_engine {
+            let msg = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            eprintln!("warning: the collective engine stopped: {msg}");
+        } else {
+            default(info);
+        }
+    }));
 }
 
 /// The helper process of an isolated plugin (`plugins: [{ path, isolate: process }]`): no core

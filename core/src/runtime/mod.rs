@@ -634,7 +634,10 @@ fn data_parallel_share(
         message,
     };
     let Some((binfo, b)) = batch else {
-        return Err(refuse(sink_info, format!("a run over {world} processes needs a `batch` stage before this one")));
+        return Err(refuse(
+            sink_info,
+            format!("a run over {world} processes needs a `batch` stage before this one"),
+        ));
     };
     if on_error == OnError::Skip {
         return Err(refuse(

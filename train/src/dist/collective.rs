@@ -193,6 +193,13 @@ impl CollectivePeer {
     }
 
     fn engine_error(&self, what: &str, message: String) -> PeerError {
+        // The engine's thread dies when a peer's connection drops (see PATCHES.md); its callers
+        // then see `LocalServerMissing`.
+        let message = if message.contains("LocalServerMissing") || message.contains("closed") {
+            "the connection to the other ranks was lost (a rank stopped or crashed)".to_string()
+        } else {
+            message
+        };
         PeerError::Engine {
             rank: self.rank,
             world: self.world,
