@@ -184,3 +184,60 @@ fn bad_ranks_and_missing_coordinators_are_refused_with_exit_2() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// Both ranks of a two-process run; `resume`: continue rank 0's directory.
+fn two_ranks(file: &Path, dir0: &Path, dir1: &Path, extra: &[&str], resume: bool) -> (Child, Child) {
+    let port = free_ports();
+    let start = |r: usize, dir: &Path| {
+        let mut c = simclr();
+        c.arg("run").arg(file);
+        if resume {
+            c.arg("--resume").arg(dir0);
+        } else {
+            c.arg("--out").arg(dir);
+        }
+        c.args(["--threads", "1", "--world-size", "2", "--rank", &r.to_string()])
+            .args(["--coordinator", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    (start(0, dir0), start(1, dir1))
+}
+
+fn wait_ok(p: Child, what: &str) {
+    let o = p.wait_with_output().unwrap();
+    assert!(o.status.success(), "{what}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn a_two_process_run_killed_mid_epoch_resumes_to_the_same_encoder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = pipeline(tmp.path(), 2);
+    let extra = ["--set", "train.checkpoint_every_steps=3"];
+    let (full, other) = (tmp.path().join("full"), tmp.path().join("full1"));
+    let (a, b) = two_ranks(&file, &full, &other, &extra, false);
+    wait_ok(a, "rank 0");
+    wait_ok(b, "rank 1");
+
+    let (dir, dir1) = (tmp.path().join("cut"), tmp.path().join("cut1"));
+    let (mut a, mut b) = two_ranks(&file, &dir, &dir1, &extra, false);
+    let t = Instant::now();
+    // Step 4 is logged after the checkpoint of step 3 (epoch 0 has 4 steps): kill mid-epoch 1.
+    while std::fs::read_to_string(dir.join("metrics.jsonl")).map_or(true, |s| !s.contains("\"step\":4")) {
+        assert!(t.elapsed() < Duration::from_secs(120), "training did not get to step 4");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    a.kill().unwrap();
+    b.kill().unwrap();
+    let _ = (a.wait(), b.wait());
+    assert!(!dir.join("encoder.safetensors").exists(), "killed before the end");
+    let (a, b) = two_ranks(&file, &dir, &dir1, &extra, true);
+    wait_ok(a, "resumed rank 0");
+    wait_ok(b, "resumed rank 1");
+    let enc = |d: &Path| std::fs::read(d.join("encoder.safetensors")).unwrap();
+    assert!(enc(&full) == enc(&dir), "the resumed encoder differs from the uninterrupted run's");
+    assert_eq!(step_losses(&full), step_losses(&dir));
+}

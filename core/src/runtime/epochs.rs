@@ -147,3 +147,31 @@ pub(super) fn epoch_plan(
         .min(opts.max_samples.unwrap_or(u64::MAX));
     Ok(EpochPlan { len, first_epoch, offset, epochs, total })
 }
+
+#[cfg(test)]
+mod share_tests {
+    use super::Share;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The ranks' shares partition the whole global batches of an epoch, rank r holding
+        /// block r of each, and `owned_before` counts exactly the owned positions.
+        #[test]
+        fn shares_partition_the_whole_global_batches(block in 1u64..9, world in 2u64..5, len in 0u64..200, p in 0u64..220) {
+            let shares: Vec<Share> = (0..world).map(|rank| Share { rank, world, block }).collect();
+            let end = shares[0].shared_len(len);
+            prop_assert!(end <= len && end % (block * world) == 0 && len - end < block * world);
+            for q in 0..end {
+                let owners: Vec<u64> = shares.iter().filter(|s| s.owns(q)).map(|s| s.rank).collect();
+                prop_assert_eq!(owners, vec![(q % (block * world)) / block]);
+                prop_assert_eq!(shares[0].batch_end(q), (q / (block * world) + 1) * block * world);
+            }
+            let total: u64 = shares.iter().map(|s| s.owned_before(p, len)).sum();
+            prop_assert_eq!(total, p.min(end));
+            for s in &shares {
+                let counted = (0..p.min(end)).filter(|q| s.owns(*q)).count() as u64;
+                prop_assert_eq!(s.owned_before(p, len), counted);
+            }
+        }
+    }
+}
