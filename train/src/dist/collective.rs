@@ -41,6 +41,9 @@ pub struct CollectivePeer {
     link: Mutex<(Sender<Job>, Receiver<Reply>)>,
     /// Whether the group formed (a peer that never joined does not wait to leave).
     joined: bool,
+    /// Calls, bytes sent and seconds spent in them (waiting for the others included), logged
+    /// when the peer leaves: what the run's communication cost.
+    traffic: Mutex<(u64, u64, f64)>,
 }
 
 /// Where a process's node of the engine is: the coordinator's host and port, parsed.
@@ -181,7 +184,14 @@ impl CollectivePeer {
             .name(format!("simclr-peer-{rank}"))
             .spawn(move || serve(PeerId::from(local), config, &job_rx, &reply_tx))
             .map_err(|e| PeerError::Setup(format!("cannot start peer {rank}'s thread: {e}")))?;
-        let mut peer = Self { rank, world, timeout, link: Mutex::new((job_tx, reply_rx)), joined: false };
+        let mut peer = Self {
+            rank,
+            world,
+            timeout,
+            link: Mutex::new((job_tx, reply_rx)),
+            joined: false,
+            traffic: Mutex::new((0, 0, 0.0)),
+        };
         match peer.wait("joining the group")? {
             Reply::Done => {
                 peer.joined = true;
@@ -227,6 +237,20 @@ impl CollectivePeer {
     }
 
     fn call(&self, job: Job, what: &str) -> Result<Reply, PeerError> {
+        let bytes = match &job {
+            Job::F32(v) => 4 * v.len(),
+            Job::F64(v) => 8 * v.len(),
+            Job::Finish => 0,
+        } as u64;
+        let t = Instant::now();
+        let out = self.call_inner(job, what);
+        if let Ok(mut tr) = self.traffic.lock() {
+            *tr = (tr.0 + 1, tr.1 + bytes, tr.2 + t.elapsed().as_secs_f64());
+        }
+        out
+    }
+
+    fn call_inner(&self, job: Job, what: &str) -> Result<Reply, PeerError> {
         {
             let link =
                 self.link.lock().map_err(|_| self.engine_error(what, "a peer thread panicked".into()))?;
@@ -241,6 +265,18 @@ impl CollectivePeer {
 
 impl Drop for CollectivePeer {
     fn drop(&mut self) {
+        if let Ok(tr) = self.traffic.lock() {
+            if tr.0 > 0 {
+                tracing::info!(
+                    "rank {} of {}: {} all-reduces, {:.1} MB in, {:.2} s in them (waiting for the others included)",
+                    self.rank,
+                    self.world,
+                    tr.0,
+                    tr.1 as f64 / 1e6,
+                    tr.2
+                );
+            }
+        }
         // Leaves the group, waiting a little: the engine must have forgotten this peer before a
         // later training in this process registers again (after a failure the others may be
         // gone, hence no long wait).
