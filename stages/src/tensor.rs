@@ -325,7 +325,7 @@ impl BatchBuilder {
 impl Batcher for BatchBuilder {
     fn split(&mut self, world: usize) -> Result<usize, String> {
         let b = self.cfg.batch_size;
-        if world == 0 || b % world != 0 {
+        if world == 0 || !b.is_multiple_of(world) {
             return Err(format!(
                 "`batch_size: {b}` is the global batch and must split evenly across {world} processes: use a multiple of {world}"
             ));

@@ -160,7 +160,7 @@ mod share_tests {
         fn shares_partition_the_whole_global_batches(block in 1u64..9, world in 2u64..5, len in 0u64..200, p in 0u64..220) {
             let shares: Vec<Share> = (0..world).map(|rank| Share { rank, world, block }).collect();
             let end = shares[0].shared_len(len);
-            prop_assert!(end <= len && end % (block * world) == 0 && len - end < block * world);
+            prop_assert!(end <= len && end.is_multiple_of(block * world) && len - end < block * world);
             for q in 0..end {
                 let owners: Vec<u64> = shares.iter().filter(|s| s.owns(q)).map(|s| s.rank).collect();
                 prop_assert_eq!(owners, vec![(q % (block * world)) / block]);
