@@ -39,6 +39,13 @@ fn pipeline(dir: &Path, epochs: u32) -> PathBuf {
     path
 }
 
+/// Multi-process tests take turns: a port found free stays free until its run binds it.
+static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    TURN.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A coordinator port whose two data ports (port + 1, port + 2) are free too.
 fn free_ports() -> u16 {
     for _ in 0..200 {
@@ -104,6 +111,7 @@ fn one_device_two_devices_and_two_processes_give_the_same_losses_and_local_bn_do
     let local = tmp.path().join("local");
     run(&file, &local, &["--set", "train.devices=[cpu, cpu]", "--set", "train.batch_norm=local"]);
 
+    let _turn = turn();
     let port = free_ports();
     let (r0, r1) = (tmp.path().join("rank0"), tmp.path().join("rank1"));
     let p0 = rank(&file, &r0, 0, port, &[]);
@@ -131,6 +139,7 @@ fn one_device_two_devices_and_two_processes_give_the_same_losses_and_local_bn_do
 fn a_killed_rank_stops_the_other_with_an_error_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
     let file = pipeline(tmp.path(), 50);
+    let _turn = turn();
     let port = free_ports();
     let extra = ["--peer-timeout", "30"];
     let p0 = rank(&file, &tmp.path().join("rank0"), 0, port, &extra);
@@ -217,6 +226,7 @@ fn a_two_process_run_killed_mid_epoch_resumes_to_the_same_encoder() {
     let tmp = tempfile::tempdir().unwrap();
     let file = pipeline(tmp.path(), 2);
     let extra = ["--set", "train.checkpoint_every_steps=3"];
+    let _turn = turn();
     let (full, other) = (tmp.path().join("full"), tmp.path().join("full1"));
     let (a, b) = two_ranks(&file, &full, &other, &extra, false);
     wait_ok(a, "rank 0");
