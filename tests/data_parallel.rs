@@ -251,3 +251,25 @@ fn a_two_process_run_killed_mid_epoch_resumes_to_the_same_encoder() {
     assert!(enc(&full) == enc(&dir), "the resumed encoder differs from the uninterrupted run's");
     assert_eq!(step_losses(&full), step_losses(&dir));
 }
+
+#[test]
+fn two_processes_of_two_devices_each_train_as_one_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = pipeline(tmp.path(), 1);
+    let one = tmp.path().join("one");
+    run(&file, &one, &[]);
+    let _turn = turn();
+    let port = free_ports();
+    let (r0, r1) = (tmp.path().join("rank0"), tmp.path().join("rank1"));
+    let devices = ["--set", "train.devices=[cpu, cpu]"];
+    let p0 = rank(&file, &r0, 0, port, &devices);
+    let p1 = rank(&file, &r1, 1, port, &devices);
+    wait_ok(p1, "rank 1");
+    let o = p0.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "rank 0: {err}");
+    assert!(err.contains("ranks 0-1 of 4"), "{err}");
+    let (base, four) = (step_losses(&one), step_losses(&r0));
+    assert_eq!(base.len(), 4);
+    assert!(max_rel(&base, &four) < 1e-3, "4 ranks: {four:?} vs one device {base:?}");
+}

@@ -94,7 +94,10 @@ impl MultiEngine {
             r.recv().map_err(|_| "a training thread stopped while starting".to_string())??;
         }
         let first = group.map_or(0, |g| g.rank * locals);
-        let name = format!("{} (ranks {first}..{} of {world})", devices.join(", "), first + locals);
+        let name = match locals {
+            1 => format!("{} (rank {first} of {world})", devices.join(", ")),
+            _ => format!("{} (ranks {first}-{} of {world})", devices.join(", "), first + locals - 1),
+        };
         tracing::info!("data-parallel training: {name}");
         Ok(Self { workers, steps: 0, name })
     }
