@@ -273,3 +273,22 @@ fn two_processes_of_two_devices_each_train_as_one_device() {
     assert_eq!(base.len(), 4);
     assert!(max_rel(&base, &four) < 1e-3, "4 ranks: {four:?} vs one device {base:?}");
 }
+
+#[test]
+fn ranks_started_with_different_seeds_are_refused_naming_the_other_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = pipeline(tmp.path(), 2);
+    let _turn = turn();
+    let port = free_ports();
+    let p0 = rank(&file, &tmp.path().join("rank0"), 0, port, &[]);
+    let p1 = rank(&file, &tmp.path().join("rank1"), 1, port, &["--seed", "9"]);
+    for (r, other, p) in [(1, 0, p1), (0, 1, p0)] {
+        let o = p.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "rank {r}: {err}");
+        assert!(
+            err.contains(&format!("rank {other} trains something else than rank {r}")),
+            "rank {r}: {err}"
+        );
+    }
+}

@@ -188,7 +188,9 @@ impl TrainSink {
 
     /// kNN accuracy of the current encoder, every `monitor.every` epochs and after the last.
     fn run_monitor(&mut self, epoch: u32) -> Result<(), StageError> {
-        let Some(m) = self.monitor.as_ref().filter(|_| self.rank == 0) else { return Ok(()) };
+        // Every rank runs it (their encoders are the same), so none waits in the next step's
+        // exchange while rank 0 evaluates; only rank 0 writes the line.
+        let Some(m) = &self.monitor else { return Ok(()) };
         let done = epoch + 1;
         if !(done.is_multiple_of(m.cfg.every) || done >= self.cfg.epochs) {
             return Ok(());
@@ -313,6 +315,9 @@ impl Sink for TrainSink {
             write_safetensors(&path, &self.engine.encoder_tensors(), &meta)
                 .map_err(|e| StageError::fatal(format!("cannot write {}: {e}", path.display())))?;
         }
+        // Training is over: the ranks leave their group (a later data-parallel stage in this
+        // process forms a new one); evaluation encodes on one device.
+        self.engine.leave_group();
         if let Some((id, artifacts)) = self.publish.take() {
             let engine = std::mem::replace(&mut self.engine, Box::new(Spent));
             artifacts.put(
@@ -320,7 +325,12 @@ impl Sink for TrainSink {
                 EncoderArtifact {
                     stage: id.clone(),
                     method: "simclr".into(),
-                    arch: self.cfg.clone(),
+                    // Evaluation encodes on the first training device, on one rank.
+                    arch: SimclrTrain {
+                        device: self.cfg.local_devices().swap_remove(0),
+                        devices: None,
+                        ..self.cfg.clone()
+                    },
                     encoder: Mutex::new(Box::new(EngineEncoder(engine))),
                 },
             );

@@ -59,6 +59,8 @@ pub trait Engine: Send {
     fn state_tensors(&self) -> Result<Vec<NamedTensor>, String>;
     /// Restores a state from [`Engine::state_tensors`]; every tensor must fit the model.
     fn load_state(&mut self, tensors: &[NamedTensor]) -> Result<(), String>;
+    /// Leaves the data-parallel group, if any (after training: the engine then only encodes).
+    fn leave_group(&mut self) {}
 }
 
 /// The generic trainer behind [`Engine`].
@@ -206,6 +208,10 @@ impl<B: AutodiffBackend> Engine for Trainer<B> {
         self.steps
     }
 
+    fn leave_group(&mut self) {
+        self.peer = None;
+    }
+
     fn device_name(&self) -> String {
         format!("{:?}", self.device)
     }
@@ -246,7 +252,8 @@ pub fn make_engine(cfg: &SimclrTrain, seed: u64) -> Result<Box<dyn Engine>, Stri
     if cfg.local_devices().len() > 1 || crate::dist::process_group().is_some() {
         return crate::dist::engine::MultiEngine::start(cfg, seed).map(|e| Box::new(e) as Box<dyn Engine>);
     }
-    make_engine_on(cfg, &cfg.device, seed, None)
+    let device = cfg.local_devices().swap_remove(0);
+    make_engine_on(cfg, &device, seed, None)
 }
 
 /// A trainer on `device`, one rank of a data-parallel run when `peer` is given.

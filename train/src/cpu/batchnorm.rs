@@ -34,10 +34,16 @@ thread_local! {
 /// input gradient's sums in the backward pass (the parameters' own gradients stay local: the
 /// trainer sums them over the ranks with the others).
 pub fn with_global_stats<R>(peer: Option<PeerHandle>, f: impl FnOnce() -> R) -> R {
-    let old = GLOBAL_BN.with(|g| g.replace(peer));
-    let out = f();
-    GLOBAL_BN.with(|g| *g.borrow_mut() = old);
-    out
+    /// Restores the previous peer even if `f` panics (the trainer catches panics).
+    struct Restore(Option<PeerHandle>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let old = self.0.take();
+            GLOBAL_BN.with(|g| *g.borrow_mut() = old);
+        }
+    }
+    let _restore = Restore(GLOBAL_BN.with(|g| g.replace(peer)));
+    f()
 }
 
 /// The inputs of one BatchNorm call.

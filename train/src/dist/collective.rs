@@ -44,6 +44,9 @@ pub struct CollectivePeer {
     /// Calls, bytes sent and seconds spent in them (waiting for the others included), logged
     /// when the peer leaves: what the run's communication cost.
     traffic: Mutex<(u64, u64, f64)>,
+    /// Set by a call that failed or timed out: its reply may still come, so no later call can
+    /// trust the channel (each fails at once).
+    broken: std::sync::atomic::AtomicBool,
 }
 
 /// Where a process's node of the engine is: the coordinator's host and port, parsed.
@@ -191,6 +194,7 @@ impl CollectivePeer {
             link: Mutex::new((job_tx, reply_rx)),
             joined: false,
             traffic: Mutex::new((0, 0, 0.0)),
+            broken: Default::default(),
         };
         match peer.wait("joining the group")? {
             Reply::Done => {
@@ -242,8 +246,15 @@ impl CollectivePeer {
             Job::F64(v) => 8 * v.len(),
             Job::Finish => 0,
         } as u64;
+        use std::sync::atomic::Ordering;
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(self.engine_error(what, "an earlier exchange of this rank failed".into()));
+        }
         let t = Instant::now();
         let out = self.call_inner(job, what);
+        if out.is_err() {
+            self.broken.store(true, Ordering::SeqCst);
+        }
         if let Ok(mut tr) = self.traffic.lock() {
             *tr = (tr.0 + 1, tr.1 + bytes, tr.2 + t.elapsed().as_secs_f64());
         }
@@ -281,7 +292,8 @@ impl Drop for CollectivePeer {
         // later training in this process registers again (after a failure the others may be
         // gone, hence no long wait).
         if let Ok(link) = self.link.lock() {
-            if link.0.send(Job::Finish).is_ok() && self.joined {
+            let broken = self.broken.load(std::sync::atomic::Ordering::SeqCst);
+            if link.0.send(Job::Finish).is_ok() && self.joined && !broken {
                 let _ = link.1.recv_timeout(Duration::from_secs(10));
             }
         }

@@ -21,6 +21,7 @@ enum Cmd {
     State,
     Load(Arc<Vec<NamedTensor>>),
     Steps,
+    Leave,
 }
 
 enum Out {
@@ -72,6 +73,7 @@ impl MultiEngine {
                 .spawn(move || {
                     let engine = CollectivePeer::join(l, locals, group.as_ref(), timeout())
                         .map_err(|e| e.to_string())
+                        .and_then(|p| check_group(&p, fingerprint(&cfg, seed, locals)).map(|()| p))
                         .and_then(|p| {
                             make_engine_on(&cfg, &device, seed, Some(PeerHandle::new(Arc::new(p))))
                         });
@@ -109,6 +111,47 @@ impl MultiEngine {
     }
 }
 
+/// What must be the same on every rank: the training config (less the device names, which may
+/// differ between machines), the seed and the devices per process.
+fn fingerprint(cfg: &SimclrTrain, seed: u64, locals: usize) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut json = crate::checkpoint::config_json(cfg);
+    if let Some(m) = json.as_object_mut() {
+        for k in ["device", "devices", "log_every", "checkpoint_every", "checkpoint_every_steps"] {
+            m.remove(k);
+        }
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    json.to_string().hash(&mut h);
+    (seed, locals).hash(&mut h);
+    h.finish()
+}
+
+/// Right after joining: every rank is there exactly once and trains the same thing. Two
+/// processes started with the same `--rank`, or with another `--set`/`--seed`/device count,
+/// would otherwise train silently wrong (rows counted twice, different initial weights).
+fn check_group(p: &CollectivePeer, fingerprint: u64) -> Result<(), String> {
+    use super::Peer;
+    let (r, w) = (p.rank(), p.world());
+    let mut buf = vec![0f64; 2 * w];
+    buf[r] = 1.0;
+    // 52 bits: exact in an f64.
+    buf[w + r] = (fingerprint >> 12) as f64;
+    p.all_reduce_sum_f64(&mut buf).map_err(|e| e.to_string())?;
+    if let Some(k) = (0..w).find(|&k| buf[k] != 1.0) {
+        return Err(format!(
+            "rank {k} joined the group {} times: start each process with its own --rank (0 to world size - 1) and the same --world-size",
+            buf[k]
+        ));
+    }
+    if let Some(k) = (0..w).find(|&k| buf[w + k] != buf[w + r]) {
+        return Err(format!(
+            "rank {k} trains something else than rank {r} (another pipeline, --set, --seed or number of devices): start every rank with the same command, only --rank differing"
+        ));
+    }
+    Ok(())
+}
+
 fn serve(mut engine: Box<dyn Engine>, cmds: &Receiver<Cmd>, out: &Sender<Out>) {
     while let Ok(cmd) = cmds.recv() {
         let reply = match cmd {
@@ -118,6 +161,10 @@ fn serve(mut engine: Box<dyn Engine>, cmds: &Receiver<Cmd>, out: &Sender<Out>) {
             Cmd::State => Out::State(engine.state_tensors()),
             Cmd::Load(t) => Out::Loaded(engine.load_state(&t)),
             Cmd::Steps => Out::Steps(engine.steps()),
+            Cmd::Leave => {
+                engine.leave_group();
+                Out::Loaded(Ok(()))
+            }
         };
         if out.send(reply).is_err() {
             break;
@@ -181,12 +228,14 @@ impl Engine for MultiEngine {
                 Ok(Out::Step(r)) => r,
                 _ => Err(StepError::Other(GONE.into())),
             };
-            // The first failure is the cause (the others then time out or see a lost peer).
-            match (&first, r) {
-                (None, r) => first = Some(r),
-                (Some(Ok(_)), Err(e)) => first = Some(Err(e)),
-                _ => {}
-            }
+            // The cause, not its echo: a rank's own failure before the others' timeouts.
+            let timeout = |r: &Result<StepStats, StepError>| matches!(r, Err(StepError::Other(m)) if m.contains("got no answer"));
+            first = match (first, r) {
+                (None, r) => Some(r),
+                (Some(Ok(_)), Err(e)) => Some(Err(e)),
+                (Some(f), r @ Err(_)) if timeout(&f) && !timeout(&r) => Some(r),
+                (f, _) => f,
+            };
         }
         let r = first.unwrap_or_else(|| Err(StepError::Other(GONE.into())));
         if r.is_ok() {
@@ -224,17 +273,32 @@ impl Engine for MultiEngine {
         }
     }
 
+    fn leave_group(&mut self) {
+        for wk in &self.workers {
+            let _ = wk.tx.send(Cmd::Leave);
+        }
+        for wk in &self.workers {
+            let _ = wk.rx.recv();
+        }
+        // Only the first device encodes from here on.
+        self.workers.truncate(1);
+    }
+
     fn load_state(&mut self, tensors: &[NamedTensor]) -> Result<(), String> {
         let shared = Arc::new(tensors.to_vec());
         for wk in &self.workers {
             wk.tx.send(Cmd::Load(shared.clone())).map_err(|_| GONE.to_string())?;
         }
-        for wk in &self.workers {
-            match wk.rx.recv() {
-                Ok(Out::Loaded(r)) => r?,
-                _ => return Err(GONE.into()),
-            }
-        }
+        // Every reply is read before any error is returned: the next command's answers stay in step.
+        let replies: Vec<Result<(), String>> = self
+            .workers
+            .iter()
+            .map(|wk| match wk.rx.recv() {
+                Ok(Out::Loaded(r)) => r,
+                _ => Err(GONE.into()),
+            })
+            .collect();
+        replies.into_iter().collect::<Result<Vec<()>, String>>()?;
         if let Some(Out::Steps(s)) = self.ask_first(Cmd::Steps) {
             self.steps = s;
         }
@@ -306,5 +370,30 @@ mod tests {
         let (a, b) = batch(0, 3, 8);
         let Err(StepError::Other(msg)) = e.step(&a, &b, [3, 3, 8, 8], 0.1) else { panic!("accepted") };
         assert!(msg.contains("batch_size"), "{msg}");
+    }
+
+    #[test]
+    fn three_devices_sum_in_a_fixed_order_and_a_finished_group_makes_room_for_the_next() {
+        let _turn = crate::dist::TEST_ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+        crate::dist::set_timeout(std::time::Duration::from_secs(60));
+        let run = || {
+            let mut e = crate::make_engine(&cfg(3, "global"), 5).unwrap();
+            let l: Vec<f64> = (0..3)
+                .map(|s| {
+                    let (a, b) = batch(s, 6, 8);
+                    e.step(&a, &b, [6, 3, 8, 8], 0.5).unwrap().loss
+                })
+                .collect();
+            (l, e)
+        };
+        let (first, mut done) = run();
+        // Training over: the group is left, the engine still encodes on its first device...
+        done.leave_group();
+        let (x, _) = batch(9, 2, 8);
+        let h = done.encode(&x, [2, 3, 8, 8]).unwrap();
+        assert!(!h.is_empty() && h.len() % 2 == 0, "{} values", h.len());
+        // ...and a new group forms while it lives; three peers add in rank order: same bits.
+        let (second, _) = run();
+        assert_eq!(first, second);
     }
 }

@@ -36,19 +36,26 @@ where
                 let address = nodes.get(id).unwrap();
                 let device = device.clone();
                 let data_service = data_service.clone();
+                let id = *id;
                 async move {
                     let data = data_service
                         .download_tensor((*address).clone(), 0.into())
                         .await
                         .expect("Couldn't find the tensor for transfer id 0");
-                    B::float_from_data(data, &device)
+                    (id, B::float_from_data(data, &device))
                 }
             })
             .collect::<FuturesUnordered<_>>();
 
-        // Sum all downloads async
-        let mut sum = tensor;
+        // simclr patch: downloads arrive in any order; they are added in node order, so the
+        // sum has the same bits every run.
+        let mut got = Vec::new();
         while let Some(res) = futures.next().await {
+            got.push(res);
+        }
+        got.sort_by_key(|(id, _)| *id);
+        let mut sum = tensor;
+        for (_, res) in got {
             if shape != res.shape() {
                 return Err(GlobalCollectiveError::PeerSentIncoherentTensor);
             }
