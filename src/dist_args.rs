@@ -68,6 +68,7 @@ pub fn setup(args: &DistArgs) -> Result<(), Failure> {
         }
     };
     let group = ProcessGroup { rank, world, coordinator, timeout };
+    simclr_train::dist::set_interrupt_flag(crate::signals::interrupt_flag());
     let invalid = |e: simclr_train::dist::PeerError| Failure::Invalid(format!("error: {e}"));
     check_process_group(&group).map_err(invalid)?;
     set_process_group(group).map_err(invalid)?;

@@ -292,3 +292,37 @@ fn ranks_started_with_different_seeds_are_refused_naming_the_other_rank() {
         );
     }
 }
+
+#[test]
+fn a_sigterm_to_one_rank_stops_both_after_the_same_step_and_the_run_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = pipeline(tmp.path(), 3);
+    let _turn = turn();
+    let (full, full1) = (tmp.path().join("full"), tmp.path().join("full1"));
+    let (a, b) = two_ranks(&file, &full, &full1, &[], false);
+    wait_ok(a, "rank 0");
+    wait_ok(b, "rank 1");
+
+    let (dir, dir1) = (tmp.path().join("cut"), tmp.path().join("cut1"));
+    let (a, b) = two_ranks(&file, &dir, &dir1, &[], false);
+    let t = Instant::now();
+    while std::fs::read_to_string(dir.join("metrics.jsonl")).map_or(true, |s| !s.contains("\"step\":5")) {
+        assert!(t.elapsed() < Duration::from_secs(120), "training did not get to step 5");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: sending SIGTERM to a child process this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(b.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let (o1, o0) = (b.wait_with_output().unwrap(), a.wait_with_output().unwrap());
+    assert_eq!(o1.status.code(), Some(143), "rank 1: {}", String::from_utf8_lossy(&o1.stderr));
+    let err0 = String::from_utf8_lossy(&o0.stderr);
+    assert_eq!(o0.status.code(), Some(130), "rank 0 stops with it: {err0}");
+    assert!(err0.contains("--resume"), "{err0}");
+    assert!(dir.join("checkpoint.safetensors").is_file() && !dir.join("encoder.safetensors").exists());
+
+    let (a, b) = two_ranks(&file, &dir, &dir1, &[], true);
+    wait_ok(a, "resumed rank 0");
+    wait_ok(b, "resumed rank 1");
+    let enc = |d: &Path| std::fs::read(d.join("encoder.safetensors")).unwrap();
+    assert!(enc(&full) == enc(&dir), "the resumed encoder differs from the uninterrupted run's");
+    assert_eq!(step_losses(&full), step_losses(&dir));
+}

@@ -217,6 +217,11 @@ impl Sink for TrainSink {
     }
 
     fn consume(&mut self, sample: Sample) -> Result<(), StageError> {
+        // A rank of a data-parallel run was interrupted: every rank stopped after the same
+        // step and trains nothing more (the runtime then saves the checkpoint).
+        if self.world > 1 && crate::dist::stop_agreed() {
+            return Ok(());
+        }
         let mut start = Instant::now();
         let data_wait_s = self.last_end.map_or(0.0, |t| start.duration_since(t).as_secs_f64());
         let Payload::Batch(batch) = &sample.payload else {
@@ -351,6 +356,10 @@ impl Sink for TrainSink {
     }
 
     fn position(&mut self, epoch: u32, consumed: u64) {
+        // After an agreed stop the batches that still arrive are not trained (see `consume`).
+        if self.world > 1 && crate::dist::stop_agreed() {
+            return;
+        }
         self.ckpt.position = Some((epoch, consumed));
     }
 

@@ -129,7 +129,12 @@ pub fn all_reduce_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
         let others = super::others(rank, world);
         return Err(PeerError::Engine { rank, world, what: "packing the gradients".into(), message, others });
     }
+    // One more slot: whether this rank was interrupted (all ranks stop after the same step).
+    buf.push(if super::interrupted_here() { 1.0 } else { 0.0 });
     peer.all_reduce_sum(&mut buf)?;
+    if buf.pop().is_some_and(|v| v > 0.0) {
+        super::agree_stop();
+    }
     let mut unpack = Unpack::<B> { grads, buf: &buf, at: 0, slots: slots.iter(), device: device.clone() };
     model.visit(&mut unpack);
     Ok(())

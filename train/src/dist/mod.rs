@@ -157,6 +157,35 @@ pub fn process_world() -> usize {
     process_group().map_or(1, |g| g.world)
 }
 
+static INTERRUPT: OnceLock<Arc<std::sync::atomic::AtomicBool>> = OnceLock::new();
+static STOP_AGREED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The process's Ctrl-C / SIGTERM flag (the one the runtime stops on). A signal reaches the
+/// processes of a run at different steps; each step's gradient exchange carries whether any rank
+/// got one, so they all stop after the same step ([`stop_agreed`]) and rank 0 saves it.
+pub fn set_interrupt_flag(flag: Arc<std::sync::atomic::AtomicBool>) {
+    let _ = INTERRUPT.set(flag);
+}
+
+/// Whether this rank was interrupted (its vote in the next exchange).
+pub(crate) fn interrupted_here() -> bool {
+    INTERRUPT.get().is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+/// Some rank was interrupted: every rank stops feeding (the runtime's flag is raised here too)
+/// and trains no further batch, so all stop after the same step.
+pub(crate) fn agree_stop() {
+    STOP_AGREED.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(f) = INTERRUPT.get() {
+        f.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Whether the ranks agreed to stop (see [`set_interrupt_flag`]).
+pub fn stop_agreed() -> bool {
+    STOP_AGREED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 pub(crate) fn timeout() -> Duration {
     LOCAL_TIMEOUT.get().copied().unwrap_or(DEFAULT_TIMEOUT)
 }
