@@ -68,7 +68,9 @@ pub fn setup(args: &DistArgs) -> Result<(), Failure> {
         }
     };
     let group = ProcessGroup { rank, world, coordinator, timeout };
-    simclr_train::dist::set_interrupt_flag(crate::signals::interrupt_flag());
+    // Ctrl-C / SIGTERM become this rank's vote; the runtime stops on the agreed flag.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    simclr_train::dist::set_interrupt_flags(crate::signals::interrupt_flag(), stop);
     let invalid = |e: simclr_train::dist::PeerError| Failure::Invalid(format!("error: {e}"));
     check_process_group(&group).map_err(invalid)?;
     set_process_group(group).map_err(invalid)?;

@@ -19,6 +19,9 @@ pub fn run(plan: &Plan, common: &Common, out: Option<PathBuf>) -> Result<(), Fai
 /// finished (sweeps rely on it).
 pub fn run_in(plan: &Plan, common: &Common, dir: PathBuf, resume: bool) -> Result<(), Failure> {
     let mut opts = options(plan, common);
+    if let Some(stop) = simclr_train::dist::runtime_stop_flag() {
+        opts.interrupt = stop;
+    }
     opts.run_dir = Some(dir.clone());
     opts.resume = resume;
     // A data-parallel run: rank 0 writes the run directory and evaluates; the others train.
@@ -96,6 +99,10 @@ fn resume_command(plan: &Plan, common: &Common, dir: &Path) -> String {
     }
     if let Some(t) = common.threads {
         cmd += &format!(" --threads {t}");
+    }
+    if let Some(g) = simclr_train::dist::process_group() {
+        cmd +=
+            &format!(" --world-size {} --rank {} --coordinator {}", g.world, g.rank, quote(&g.coordinator));
     }
     cmd + &format!(" --resume {}", quote(&dir.display().to_string()))
 }

@@ -219,8 +219,11 @@ impl Sink for TrainSink {
     fn consume(&mut self, sample: Sample) -> Result<(), StageError> {
         // A rank of a data-parallel run was interrupted: every rank stopped after the same
         // step and trains nothing more (the runtime then saves the checkpoint).
-        if self.world > 1 && crate::dist::stop_agreed() {
-            return Ok(());
+        if self.world > 1 {
+            if crate::dist::stop_agreed() {
+                return Ok(());
+            }
+            crate::dist::set_training(true);
         }
         let mut start = Instant::now();
         let data_wait_s = self.last_end.map_or(0.0, |t| start.duration_since(t).as_secs_f64());
@@ -311,6 +314,7 @@ impl Sink for TrainSink {
     }
 
     fn finish(&mut self) -> Result<(), StageError> {
+        crate::dist::set_training(false);
         self.end_epoch()?;
         self.epoch_completed(true)?;
         self.epoch = None;
@@ -364,6 +368,7 @@ impl Sink for TrainSink {
     }
 
     fn interrupted(&mut self) -> Result<(), StageError> {
+        crate::dist::set_training(false);
         self.save_on_interrupt()
     }
 

@@ -157,31 +157,57 @@ pub fn process_world() -> usize {
     process_group().map_or(1, |g| g.world)
 }
 
-static INTERRUPT: OnceLock<Arc<std::sync::atomic::AtomicBool>> = OnceLock::new();
+/// (Ctrl-C / SIGTERM flag, the runtime's stop flag) of a multi-process run.
+static FLAGS: OnceLock<(Arc<std::sync::atomic::AtomicBool>, Arc<std::sync::atomic::AtomicBool>)> =
+    OnceLock::new();
 static STOP_AGREED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static TRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// The process's Ctrl-C / SIGTERM flag (the one the runtime stops on). A signal reaches the
-/// processes of a run at different steps; each step's gradient exchange carries whether any rank
-/// got one, so they all stop after the same step ([`stop_agreed`]) and rank 0 saves it.
-pub fn set_interrupt_flag(flag: Arc<std::sync::atomic::AtomicBool>) {
-    let _ = INTERRUPT.set(flag);
+/// A multi-process run: `signal` is raised by Ctrl-C / SIGTERM, `stop` is the runtime's stop
+/// flag. A signal reaches the processes at different steps; while a data-parallel training runs,
+/// it is only this rank's vote, carried by the next gradient exchange, and when any rank voted
+/// every rank raises `stop` after that same step ([`stop_agreed`]), so all stop together and
+/// rank 0 saves. Outside training (evaluation on rank 0) a signal stops the runtime at once.
+pub fn set_interrupt_flags(
+    signal: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    if FLAGS.set((signal.clone(), stop.clone())).is_err() {
+        return;
+    }
+    let _ = std::thread::Builder::new().name("simclr-stop-watch".into()).spawn(move || loop {
+        if signal.load(Ordering::SeqCst) && !TRAINING.load(Ordering::SeqCst) {
+            stop.store(true, Ordering::SeqCst);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    });
+}
+
+/// The runtime's stop flag of a multi-process run (see [`set_interrupt_flags`]).
+pub fn runtime_stop_flag() -> Option<Arc<std::sync::atomic::AtomicBool>> {
+    FLAGS.get().map(|f| f.1.clone())
+}
+
+/// Marks a data-parallel training as running (a signal is then a vote, not a stop).
+pub(crate) fn set_training(active: bool) {
+    TRAINING.store(active, std::sync::atomic::Ordering::SeqCst);
 }
 
 /// Whether this rank was interrupted (its vote in the next exchange).
 pub(crate) fn interrupted_here() -> bool {
-    INTERRUPT.get().is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+    FLAGS.get().is_some_and(|f| f.0.load(std::sync::atomic::Ordering::SeqCst))
 }
 
-/// Some rank was interrupted: every rank stops feeding (the runtime's flag is raised here too)
-/// and trains no further batch, so all stop after the same step.
+/// Some rank was interrupted: every rank stops feeding and trains no further batch.
 pub(crate) fn agree_stop() {
     STOP_AGREED.store(true, std::sync::atomic::Ordering::SeqCst);
-    if let Some(f) = INTERRUPT.get() {
-        f.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(f) = FLAGS.get() {
+        f.1.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
-/// Whether the ranks agreed to stop (see [`set_interrupt_flag`]).
+/// Whether the ranks agreed to stop (see [`set_interrupt_flags`]).
 pub fn stop_agreed() -> bool {
     STOP_AGREED.load(std::sync::atomic::Ordering::SeqCst)
 }
