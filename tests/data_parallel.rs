@@ -71,19 +71,22 @@ fn run(file: &Path, out: &Path, extra: &[&str]) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
-fn rank(file: &Path, out: &Path, r: usize, port: u16, extra: &[&str]) -> Child {
-    simclr()
-        .arg("run")
+/// `simclr run FILE` as rank `r` of 2 (1 thread), coordinator on `port`; the caller adds
+/// `--out` or `--resume`.
+fn rank_command(file: &Path, r: usize, port: u16, extra: &[&str]) -> Command {
+    let mut c = simclr();
+    c.arg("run")
         .arg(file)
-        .arg("--out")
-        .arg(out)
         .args(["--threads", "1", "--world-size", "2", "--rank", &r.to_string()])
         .args(["--coordinator", &format!("127.0.0.1:{port}")])
         .args(extra)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        .stderr(Stdio::piped());
+    c
+}
+
+fn rank(file: &Path, out: &Path, r: usize, port: u16, extra: &[&str]) -> Child {
+    rank_command(file, r, port, extra).arg("--out").arg(out).spawn().unwrap()
 }
 
 fn step_losses(dir: &Path) -> Vec<f64> {
@@ -198,20 +201,13 @@ fn bad_ranks_and_missing_coordinators_are_refused_with_exit_2() {
 fn two_ranks(file: &Path, dir0: &Path, dir1: &Path, extra: &[&str], resume: bool) -> (Child, Child) {
     let port = free_ports();
     let start = |r: usize, dir: &Path| {
-        let mut c = simclr();
-        c.arg("run").arg(file);
+        let mut c = rank_command(file, r, port, extra);
         if resume {
             c.arg("--resume").arg(dir0);
         } else {
             c.arg("--out").arg(dir);
         }
-        c.args(["--threads", "1", "--world-size", "2", "--rank", &r.to_string()])
-            .args(["--coordinator", &format!("127.0.0.1:{port}")])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        c.spawn().unwrap()
     };
     (start(0, dir0), start(1, dir1))
 }

@@ -27,8 +27,8 @@ pub use runtime::{run_chain, ChainStages, RunOptions, RunReport, StageInfo, Stag
 pub use sample::{Batch, BufferPool, Image, Payload, Sample, Tensor};
 pub use spec::PipelineSpec;
 pub use stage::{
-    Batcher, Configured, Context, Factory, MapStage, OnError, PortType, Problem, Registry, Role, SampleCtx,
-    Shard, Sink, Source, SourceOptions, Stage, StageConfig, StageRef, Task, TensorWriter,
+    for_each_view, Batcher, Configured, Context, Factory, MapStage, OnError, PortType, Problem, Registry,
+    Role, SampleCtx, Shard, Sink, Source, SourceOptions, Stage, StageConfig, StageRef, Task, TensorWriter,
 };
 
 /// The candidate closest to `word`, if close enough to be a likely typo.

@@ -159,6 +159,28 @@ impl SampleCtx {
     }
 }
 
+/// Runs `f(view, image, rng)` on each view of a sample that `views` selects (`None`: every
+/// view; `Some([0])`: the first branch only, the paper's asymmetric ablation, Figure 5), with
+/// that view's own random stream: the same draws whatever the scheduling.
+pub fn for_each_view(
+    sample: &mut Sample,
+    views: Option<&[u32]>,
+    ctx: &SampleCtx,
+    mut f: impl FnMut(u32, &mut crate::Image, &mut StageRng) -> Result<(), StageError>,
+) -> Result<(), StageError> {
+    let Payload::Views(images) = &mut sample.payload else {
+        return Err(StageError::fatal("this stage needs decoded image views; put it after `decode`/`views`"));
+    };
+    for (v, img) in images.iter_mut().enumerate() {
+        let v = v as u32;
+        if views.is_some_and(|sel| !sel.contains(&v)) {
+            continue;
+        }
+        f(v, img, &mut ctx.rng(v))?;
+    }
+    Ok(())
+}
+
 /// Produces the samples of a dataset by index.
 pub trait Source: Send + Sync {
     /// Items in the whole dataset (before `limit` and sharding).

@@ -318,7 +318,7 @@ impl Sink for TrainSink {
         self.end_epoch()?;
         self.epoch_completed(true)?;
         self.epoch = None;
-        if let Some(dir) = self.run_dir.as_ref().filter(|_| self.rank == 0) {
+        if let Some(dir) = self.run_dir.as_ref().filter(|_| self.writes()) {
             let path = dir.join(simclr_core::run_dir::ENCODER_FILE);
             let meta = checkpoint_metadata(&self.cfg, self.engine.steps(), self.ckpt.epochs_done);
             write_safetensors(&path, &self.engine.encoder_tensors(), &meta)

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use simclr_plugin::abi::{DestroyFn, ErrorBuf, View};
 
 use crate::error::StageError;
-use crate::sample::{Image, Payload, Sample};
+use crate::sample::{Image, Sample};
 use crate::stage::{
     ConfigError, Configured, Context, Factory, MapStage, PortType, Problem, Role, SampleCtx, Stage, StageRef,
 };
@@ -404,17 +404,7 @@ pub(super) fn each_view(
     ctx: &SampleCtx,
     mut f: impl FnMut(u32, &mut Image, u64) -> Result<(), StageError>,
 ) -> Result<(), StageError> {
-    let Payload::Views(images) = &mut sample.payload else {
-        return Err(StageError::fatal("this stage needs decoded image views; put it after `decode`/`views`"));
-    };
-    for (v, img) in images.iter_mut().enumerate() {
-        let v = v as u32;
-        if views.is_some_and(|sel| !sel.contains(&v)) {
-            continue;
-        }
-        f(v, img, ctx.rng(v).next_u64())?;
-    }
-    Ok(())
+    crate::stage::for_each_view(sample, views, ctx, |v, img, rng| f(v, img, rng.next_u64()))
 }
 
 /// The error of a plugin refusing a view (its own error code or a failed output check).

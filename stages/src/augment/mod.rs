@@ -1,7 +1,7 @@
 //! Per-view augmentation stages. Each is a pure function of (view, its random stream): the
 //! stream of view `v` of sample `i` for stage `s` is keyed by (seed, epoch, i, v, s).
 
-use simclr_core::{Payload, Problem, Sample, SampleCtx, StageError, StageRng};
+use simclr_core::{Problem, Sample, SampleCtx, StageError, StageRng};
 
 pub mod blur;
 pub mod color;
@@ -18,28 +18,15 @@ pub(crate) mod testing;
 pub mod tone;
 pub mod views;
 
-/// Runs `f` on each selected view of a sample with that view's random stream.
-///
-/// `views: None` means every view; `Some([0])` applies the op to the first branch only (the
-/// paper's asymmetric ablation, Figure 5).
+/// Runs `f` on each selected view of a sample with that view's random stream
+/// ([`simclr_core::for_each_view`] without the view number).
 pub fn for_each_view(
     sample: &mut Sample,
     views: Option<&[u32]>,
     ctx: &SampleCtx,
     mut f: impl FnMut(&mut simclr_core::Image, &mut StageRng) -> Result<(), StageError>,
 ) -> Result<(), StageError> {
-    let Payload::Views(images) = &mut sample.payload else {
-        return Err(StageError::fatal("this stage needs decoded image views; put it after `decode`/`views`"));
-    };
-    for (v, img) in images.iter_mut().enumerate() {
-        let v = v as u32;
-        if views.is_some_and(|sel| !sel.contains(&v)) {
-            continue;
-        }
-        let mut rng = ctx.rng(v);
-        f(img, &mut rng)?;
-    }
-    Ok(())
+    simclr_core::for_each_view(sample, views, ctx, |_, img, rng| f(img, rng))
 }
 
 /// Checks a `views:` selection.

@@ -308,23 +308,32 @@ impl Peer for CollectivePeer {
         self.world
     }
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), PeerError> {
-        if self.world == 1 {
-            return Ok(());
-        }
-        match self.call(Job::F32(buf.to_vec()), "an all-reduce")? {
-            Reply::F32(v) if v.len() == buf.len() => {
-                buf.copy_from_slice(&v);
-                Ok(())
-            }
-            _ => Err(self.engine_error("an all-reduce", "the result has another length".into())),
-        }
+        self.in_place(buf, Job::F32, |r| match r {
+            Reply::F32(v) => Some(v),
+            _ => None,
+        })
     }
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), PeerError> {
+        self.in_place(buf, Job::F64, |r| match r {
+            Reply::F64(v) => Some(v),
+            _ => None,
+        })
+    }
+}
+
+impl CollectivePeer {
+    /// Sends `buf` as `job`, puts the sum back (`take` picks the reply's values).
+    fn in_place<T: Copy>(
+        &self,
+        buf: &mut [T],
+        job: fn(Vec<T>) -> Job,
+        take: fn(Reply) -> Option<Vec<T>>,
+    ) -> Result<(), PeerError> {
         if self.world == 1 {
             return Ok(());
         }
-        match self.call(Job::F64(buf.to_vec()), "an all-reduce")? {
-            Reply::F64(v) if v.len() == buf.len() => {
+        match take(self.call(job(buf.to_vec()), "an all-reduce")?) {
+            Some(v) if v.len() == buf.len() => {
                 buf.copy_from_slice(&v);
                 Ok(())
             }
