@@ -2,6 +2,7 @@
 //! ResNet-18, 256 views: seconds and GFLOP/s of the forward pass and of the backward pass
 //! (input and weight gradients), the same convolution through burn's own op beside it.
 //! `RAYON_NUM_THREADS=2 cargo run --release -p simclr-train --example conv_layers`
+//! (`CONV_LAYERS_OURS_ONLY=1`: without burn's, e.g. under a profiler)
 
 use std::time::Instant;
 
@@ -64,7 +65,9 @@ fn main() {
         let out = side.div_ceil(s);
         let flops = 2.0 * (n * co * ci * 9 * out * out) as f64;
         let (f, b) = time(&x, &w, s, true);
-        let (bf, bb) = time(&x, &w, s, false);
+        // CONV_LAYERS_OURS_ONLY=1 skips burn's (for profiling ours alone).
+        let (bf, bb) =
+            if std::env::var_os("CONV_LAYERS_OURS_ONLY").is_some() { (0.0, 0.0) } else { time(&x, &w, s, false) };
         println!(
             "{ci:3} -> {co:3}, {side:2}x{side:2}, s {s}:  {f:.3} s ({:3.0}), {b:.3} s ({:3.0})     {bf:.3} s, {bb:.3} s",
             flops / f / 1e9,
