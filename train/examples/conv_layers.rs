@@ -66,8 +66,24 @@ fn main() {
         let flops = 2.0 * (n * co * ci * 9 * out * out) as f64;
         let (f, b) = time(&x, &w, s, true);
         // CONV_LAYERS_OURS_ONLY=1 skips burn's (for profiling ours alone).
-        let (bf, bb) =
-            if std::env::var_os("CONV_LAYERS_OURS_ONLY").is_some() { (0.0, 0.0) } else { time(&x, &w, s, false) };
+        let (bf, bb) = if std::env::var_os("CONV_LAYERS_OURS_ONLY").is_some() {
+            (0.0, 0.0)
+        } else {
+            time(&x, &w, s, false)
+        };
+        let xv = x.to_vec::<f32>().unwrap_or_default();
+        let wv = w.to_vec::<f32>().unwrap_or_default();
+        let mut split = (0.0, 0.0);
+        for _ in 0..2 {
+            split = simclr_train::cpu::conv::time_grads(xv.clone(), xs, wv.clone(), [co, ci, 3, 3], s, 1);
+        }
+        println!(
+            "{ci:3} -> {co:3}, {side:2}x{side:2}, s {s}:  input grad {:.3} s ({:3.0}), weight grad {:.3} s ({:3.0})",
+            split.0,
+            flops / split.0 / 1e9,
+            split.1,
+            flops / split.1 / 1e9
+        );
         println!(
             "{ci:3} -> {co:3}, {side:2}x{side:2}, s {s}:  {f:.3} s ({:3.0}), {b:.3} s ({:3.0})     {bf:.3} s, {bb:.3} s",
             flops / f / 1e9,

@@ -45,7 +45,7 @@ pub(crate) fn weight_grad(x: &FlexTensor, dy: &FlexTensor, geo: &Geometry) -> Fl
     let groups = g.groups();
     let partials = groups.clamp(1, MAX_PARTIALS);
     let per = groups.div_ceil(partials);
-    let kern = gemm::kernel();
+    let kern = gemm::kernel_for_rows(g.co);
     let cols = block_rows(k, partials).div_ceil(kern.nr) * kern.nr;
     let blocks = k.div_ceil(cols);
     let a = DyRows { dy: dyd, g };

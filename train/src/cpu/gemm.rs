@@ -53,9 +53,9 @@ pub(crate) fn kernel() -> Kernel {
                 return Kernel {
                     mr: 8,
                     nr: 32,
-                    run: x86::avx512_8x32,
-                    indirect: x86::avx512_8x32_indirect,
-                    arows: x86::avx512_8x32_arows,
+                    run: x86::avx512_x32::<8>,
+                    indirect: x86::avx512_x32_indirect::<8>,
+                    arows: x86::avx512_x32_arows::<8>,
                     name: "avx512",
                 };
             }
@@ -72,6 +72,27 @@ pub(crate) fn kernel() -> Kernel {
         }
         portable()
     })
+}
+
+/// The kernel for a product with `rows` rows of A packed (not read in place): [`kernel`], or on
+/// AVX-512 its 12-row form where 12-row panels waste at most 1/32 of the rows (128 rows and
+/// more): each B row loaded meets 12 broadcasts instead of 8. The sums are the same bits either
+/// way (each element still sums its reduction in order), only the tiling differs. (12 rows
+/// everywhere was slower: 64-channel layers computed 72 rows.)
+pub(crate) fn kernel_for_rows(rows: usize) -> Kernel {
+    let k = kernel();
+    #[cfg(target_arch = "x86_64")]
+    if k.name == "avx512" && rows.div_ceil(12) * 12 - rows <= rows / 32 {
+        return Kernel {
+            mr: 12,
+            run: x86::avx512_x32::<12>,
+            indirect: x86::avx512_x32_indirect::<12>,
+            arows: x86::avx512_x32_arows::<12>,
+            name: "avx512-12",
+            ..k
+        };
+    }
+    k
 }
 
 /// The portable microkernel (any CPU; the reference the others are tested against).
@@ -747,7 +768,7 @@ mod tests {
 
     #[test]
     fn every_kernel_computes_the_product() {
-        for kern in [portable(), kernel()] {
+        for kern in [portable(), kernel(), kernel_for_rows(128)] {
             for (m, n, k) in [(1, 1, 1), (8, 32, 128), (13, 70, 300), (3, 5, 0), (64, 33, 129), (7, 100, 2)] {
                 for accumulate in [false, true] {
                     let (got, want) = run(kern, m, n, k, accumulate);
@@ -762,6 +783,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_row_count_of_the_tile_does_not_change_the_bits() {
+        // kernel_for_rows may pick 12-row tiles where kernel() has 8: every element must still
+        // sum its reduction in the same order (the conv results' determinism relies on it).
+        let (m, n, k) = (130, 70, 600);
+        let (a, b) = (random(m * k, 6), random(k * n, 7));
+        let am = Matrix { data: &a, lane_stride: k, k_stride: 1 };
+        let bm = Matrix { data: &b, lane_stride: 1, k_stride: n };
+        let (mut narrow, mut wide) = (vec![0f32; m * n], vec![0f32; m * n]);
+        gemm(kernel(), 0..m, 0..n, 0..k, &am, &bm, &Out::new(&mut narrow, n), false);
+        gemm(kernel_for_rows(m), 0..m, 0..n, 0..k, &am, &bm, &Out::new(&mut wide, n), false);
+        assert_eq!(narrow, wide);
     }
 
     #[test]

@@ -1,16 +1,22 @@
-//! The x86-64 microkernels (AVX-512 8x32, AVX2 6x16), each compiled with its own target
+//! The x86-64 microkernels (AVX-512 8x32 and 12x32, AVX2 6x16), each compiled with its own target
 //! features and only called after run-time detection picked it.
 
 use std::arch::x86_64::*;
 
 /// # Safety
-/// AVX-512F, and [`super::Kernel::run`]'s contract with mr = 8, nr = 32.
+/// AVX-512F, and [`super::Kernel::run`]'s contract with mr = MR, nr = 32.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn avx512_8x32(kc: usize, a: *const f32, b: *const f32, tile: *mut f32, from_tile: bool) {
-    let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+pub(super) unsafe fn avx512_x32<const MR: usize>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    tile: *mut f32,
+    from_tile: bool,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     if from_tile {
         for (r, row) in acc.iter_mut().enumerate() {
-            // SAFETY: the tile holds 8 x 32 values.
+            // SAFETY: the tile holds MR x 32 values.
             unsafe { *row = [_mm512_loadu_ps(tile.add(r * 32)), _mm512_loadu_ps(tile.add(r * 32 + 16))] };
         }
     }
@@ -19,7 +25,7 @@ pub(super) unsafe fn avx512_8x32(kc: usize, a: *const f32, b: *const f32, tile: 
         unsafe {
             let bk = b.add(k * 32);
             let (b0, b1) = (_mm512_loadu_ps(bk), _mm512_loadu_ps(bk.add(16)));
-            let ak = a.add(k * 8);
+            let ak = a.add(k * MR);
             for (r, row) in acc.iter_mut().enumerate() {
                 let av = _mm512_set1_ps(*ak.add(r));
                 row[0] = _mm512_fmadd_ps(av, b0, row[0]);
@@ -28,7 +34,7 @@ pub(super) unsafe fn avx512_8x32(kc: usize, a: *const f32, b: *const f32, tile: 
         }
     }
     for (r, row) in acc.iter().enumerate() {
-        // SAFETY: the tile holds 8 x 32 values.
+        // SAFETY: the tile holds MR x 32 values.
         unsafe {
             _mm512_storeu_ps(tile.add(r * 32), row[0]);
             _mm512_storeu_ps(tile.add(r * 32 + 16), row[1]);
@@ -37,9 +43,9 @@ pub(super) unsafe fn avx512_8x32(kc: usize, a: *const f32, b: *const f32, tile: 
 }
 
 /// # Safety
-/// AVX-512F, and [`super::Kernel::indirect`]'s contract with mr = 8, nr = 32.
+/// AVX-512F, and [`super::Kernel::indirect`]'s contract with mr = MR, nr = 32.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn avx512_8x32_indirect(
+pub(super) unsafe fn avx512_x32_indirect<const MR: usize>(
     kc: usize,
     a: *const f32,
     b0: *const f32,
@@ -48,10 +54,10 @@ pub(super) unsafe fn avx512_8x32_indirect(
     tile: *mut f32,
     from_tile: bool,
 ) {
-    let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     if from_tile {
         for (r, row) in acc.iter_mut().enumerate() {
-            // SAFETY: the tile holds 8 x 32 values.
+            // SAFETY: the tile holds MR x 32 values.
             unsafe { *row = [_mm512_loadu_ps(tile.add(r * 32)), _mm512_loadu_ps(tile.add(r * 32 + 16))] };
         }
     }
@@ -60,7 +66,7 @@ pub(super) unsafe fn avx512_8x32_indirect(
         unsafe {
             let o = *offs.add(k);
             let (x0, x1) = (_mm512_loadu_ps(b0.add(o)), _mm512_loadu_ps(b1.add(o)));
-            let ak = a.add(k * 8);
+            let ak = a.add(k * MR);
             for (r, row) in acc.iter_mut().enumerate() {
                 let av = _mm512_set1_ps(*ak.add(r));
                 row[0] = _mm512_fmadd_ps(av, x0, row[0]);
@@ -69,7 +75,7 @@ pub(super) unsafe fn avx512_8x32_indirect(
         }
     }
     for (r, row) in acc.iter().enumerate() {
-        // SAFETY: the tile holds 8 x 32 values.
+        // SAFETY: the tile holds MR x 32 values.
         unsafe {
             _mm512_storeu_ps(tile.add(r * 32), row[0]);
             _mm512_storeu_ps(tile.add(r * 32 + 16), row[1]);
@@ -78,9 +84,9 @@ pub(super) unsafe fn avx512_8x32_indirect(
 }
 
 /// # Safety
-/// AVX-512F, and [`super::Kernel::arows`]'s contract with mr = 8, nr = 32.
+/// AVX-512F, and [`super::Kernel::arows`]'s contract with mr = MR, nr = 32.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn avx512_8x32_arows(
+pub(super) unsafe fn avx512_x32_arows<const MR: usize>(
     kc: usize,
     src: *const f32,
     rows: *const usize,
@@ -89,15 +95,15 @@ pub(super) unsafe fn avx512_8x32_arows(
     tile: *mut f32,
     from_tile: bool,
 ) {
-    let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     if from_tile {
         for (r, row) in acc.iter_mut().enumerate() {
-            // SAFETY: the tile holds 8 x 32 values.
+            // SAFETY: the tile holds MR x 32 values.
             unsafe { *row = [_mm512_loadu_ps(tile.add(r * 32)), _mm512_loadu_ps(tile.add(r * 32 + 16))] };
         }
     }
-    // SAFETY: the caller passes 8 row offsets.
-    let p: [*const f32; 8] = std::array::from_fn(|r| unsafe { src.add(*rows.add(r)) });
+    // SAFETY: the caller passes MR row offsets.
+    let p: [*const f32; MR] = std::array::from_fn(|r| unsafe { src.add(*rows.add(r)) });
     for k in 0..kc {
         // SAFETY: k < kc, and the caller checked every read against the source's bounds.
         unsafe {
@@ -112,7 +118,7 @@ pub(super) unsafe fn avx512_8x32_arows(
         }
     }
     for (r, row) in acc.iter().enumerate() {
-        // SAFETY: the tile holds 8 x 32 values.
+        // SAFETY: the tile holds MR x 32 values.
         unsafe {
             _mm512_storeu_ps(tile.add(r * 32), row[0]);
             _mm512_storeu_ps(tile.add(r * 32 + 16), row[1]);
