@@ -110,7 +110,7 @@ fn forward(x: &FlexTensor, w: &FlexTensor, geo: &Geometry, base: Option<Vec<f32>
     let adding = base.is_some();
     let mut y = base.unwrap_or_else(|| super::zeros(g.n * g.co * pos));
     if !y.is_empty() {
-        let kern = gemm::kernel();
+        let kern = gemm::kernel_for_rows(g.co);
         let out = if adding { Nchw::adding(&mut y, g.co, pos) } else { Nchw::new(&mut y, g.co, pos) };
         if g.s == 1 && g.wo.is_multiple_of(kern.nr / 2) {
             let a = Packed::new(kern.mr, &Matrix { data: wd, lane_stride: k, k_stride: 1 }, g.co, k);
@@ -121,7 +121,7 @@ fn forward(x: &FlexTensor, w: &FlexTensor, geo: &Geometry, base: Option<Vec<f32>
             });
         } else if g.wo < 16 {
             // Small outputs: the products have few columns per image and the copy of x is small.
-            forward_channels_last(xd, wd, g, kern, &out);
+            forward_channels_last(xd, wd, g, gemm::kernel(), &out);
         } else {
             let a = Packed::new(kern.mr, &Matrix { data: wd, lane_stride: k, k_stride: 1 }, g.co, k);
             let packed = Im2colCols { x: xd, g };
@@ -285,6 +285,28 @@ fn autodiff_forward(
         }
         OpsKind::UnTracked(prep) => prep.finish(forward(&x.primitive, &w.primitive, &geo, None)),
     }
+}
+
+/// Seconds of the input gradient and of the weight gradient of one stride-`s`, padding-`p`
+/// convolution of `x` (NCHW) by `w`, given dY (the `conv_layers` example's split).
+#[doc(hidden)]
+pub fn time_grads(
+    x: Vec<f32>,
+    xs: [usize; 4],
+    w: Vec<f32>,
+    ws: [usize; 4],
+    s: usize,
+    p: usize,
+) -> (f64, f64) {
+    let geo = Geometry::new(xs, ws, s, p);
+    let dy = flex(vec![0.5f32; geo.n * geo.co * geo.positions()], [geo.n, geo.co, geo.ho, geo.wo]);
+    let (x, w) = (flex(x, xs), flex(w, ws));
+    let t = std::time::Instant::now();
+    std::hint::black_box(input_grad(&w, &dy, &geo, None));
+    let gi = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    std::hint::black_box(weight_grad(&x, &dy, &geo));
+    (gi, t.elapsed().as_secs_f64())
 }
 
 #[cfg(test)]
