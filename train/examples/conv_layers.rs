@@ -1,6 +1,7 @@
 //! The CPU convolution (`simclr_train::cpu::conv`) on every 3x3 layer shape of a CIFAR-stem
 //! ResNet-18, 256 views: seconds and GFLOP/s of the forward pass and of the backward pass
-//! (input and weight gradients), the same convolution through burn's own op beside it.
+//! (input and weight gradients), the same convolution through burn's own op beside it; above
+//! each such line, our input and weight gradients timed apart.
 //! `RAYON_NUM_THREADS=2 cargo run --release -p simclr-train --example conv_layers`
 //! (`CONV_LAYERS_OURS_ONLY=1`: without burn's, e.g. under a profiler)
 
@@ -65,7 +66,6 @@ fn main() {
         let out = side.div_ceil(s);
         let flops = 2.0 * (n * co * ci * 9 * out * out) as f64;
         let (f, b) = time(&x, &w, s, true);
-        // CONV_LAYERS_OURS_ONLY=1 skips burn's (for profiling ours alone).
         let (bf, bb) = if std::env::var_os("CONV_LAYERS_OURS_ONLY").is_some() {
             (0.0, 0.0)
         } else {
