@@ -2,6 +2,8 @@
 //! arguments, prints, and maps outcomes to exit codes (0 ok, 1 runtime failure, 2 invalid
 //! input, 130 interrupted).
 
+#[cfg(not(target_env = "msvc"))]
+mod alloc;
 mod bench_cmd;
 mod cli;
 mod dist_args;
@@ -24,7 +26,6 @@ pub use simclr_core::run_dir::timestamp;
 
 fn main() {
     restore_sigpipe();
-    tune_malloc();
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some(simclr_core::plugin::isolate::HOST_ARG) {
         std::process::exit(plugin_host(&args[2..]));
@@ -86,20 +87,5 @@ fn restore_sigpipe() {
     // SAFETY: resets one signal's disposition to the default before any other thread exists.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
-}
-
-/// With glibc's defaults every buffer over 128 KB (a decoded image, each view, each view's
-/// tensor: 0.15-0.6 MB, several per image) is its own `mmap`, faulted in page by page and
-/// unmapped on free, and the heap is trimmed back whenever its free top passes 128 KB. Keeping
-/// blocks under 64 MB on the heap and trimming only past 256 MB removes that churn: ~10% more
-/// images/s on the ImageNet augmentation benchmark (BENCHMARKS.md), the same output.
-fn tune_malloc() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: `mallopt` only sets allocator parameters; it is called before any other thread
-    // exists, and a rejected value (return 0) leaves glibc's default in place.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
     }
 }
