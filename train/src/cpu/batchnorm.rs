@@ -19,6 +19,7 @@ use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 use simclr_core::multiversion;
+use std::mem::MaybeUninit;
 
 use super::{back, cast, flex, AdFlex};
 use crate::dist::PeerHandle;
@@ -504,25 +505,28 @@ fn normalize(
     b: &[f32],
     relu: bool,
 ) -> Vec<f32> {
-    let mut y = super::zeros(x.len());
     let per = geo.c * geo.r;
     if per == 0 {
-        return y;
+        return super::zeros(x.len());
     }
     let r = geo.r;
-    y.par_chunks_mut(per).enumerate().for_each(|(i, out)| {
-        let span = i * per..(i + 1) * per;
-        let (x, res) = (&x[span.clone()], res.map_or(&[][..], |r| &r[span]));
-        if r == 1 {
-            return normalize_row(x, res, out, mean, a, b, relu);
-        }
-        for ch in 0..geo.c {
-            let cs = ch * r..(ch + 1) * r;
-            let res = if res.is_empty() { res } else { &res[cs.clone()] };
-            normalize_channel(&x[cs.clone()], res, &mut out[cs], mean[ch], a[ch], b[ch], relu);
-        }
-    });
-    y
+    let fill = |y: &mut [MaybeUninit<f32>]| {
+        y.par_chunks_mut(per).enumerate().for_each(|(i, out)| {
+            let span = i * per..(i + 1) * per;
+            let (x, res) = (&x[span.clone()], res.map_or(&[][..], |r| &r[span]));
+            if r == 1 {
+                return normalize_row(x, res, out, mean, a, b, relu);
+            }
+            for ch in 0..geo.c {
+                let cs = ch * r..(ch + 1) * r;
+                let res = if res.is_empty() { res } else { &res[cs.clone()] };
+                normalize_channel(&x[cs.clone()], res, &mut out[cs], mean[ch], a[ch], b[ch], relu);
+            }
+        })
+    };
+    // SAFETY: x.len() is a whole number of images of `per` values; each chunk's channels (or
+    // its row) cover it, and the normalize functions write every cell of their `out`.
+    unsafe { super::filled(x.len(), fill) }
 }
 
 /// One normalized value: `(x - mean) a + b (+ res) (ReLU)`.
@@ -533,12 +537,12 @@ fn norm(x: f32, mean: f32, a: f32, b: f32) -> f32 {
 
 multiversion! {
     #[allow(clippy::too_many_arguments)]
-    fn normalize_channel(x: &[f32], res: &[f32], out: &mut [f32], mean: f32, a: f32, b: f32, relu: bool) {
+    fn normalize_channel(x: &[f32], res: &[f32], out: &mut [MaybeUninit<f32>], mean: f32, a: f32, b: f32, relu: bool) {
         match (res.is_empty(), relu) {
-            (true, false) => for j in 0..x.len() { out[j] = norm(x[j], mean, a, b) },
-            (true, true) => for j in 0..x.len() { out[j] = norm(x[j], mean, a, b).max(0.0) },
-            (false, false) => for j in 0..x.len() { out[j] = norm(x[j], mean, a, b) + res[j] },
-            (false, true) => for j in 0..x.len() { out[j] = (norm(x[j], mean, a, b) + res[j]).max(0.0) },
+            (true, false) => for j in 0..x.len() { out[j] = MaybeUninit::new(norm(x[j], mean, a, b)) },
+            (true, true) => for j in 0..x.len() { out[j] = MaybeUninit::new(norm(x[j], mean, a, b).max(0.0)) },
+            (false, false) => for j in 0..x.len() { out[j] = MaybeUninit::new(norm(x[j], mean, a, b) + res[j]) },
+            (false, true) => for j in 0..x.len() { out[j] = MaybeUninit::new((norm(x[j], mean, a, b) + res[j]).max(0.0)) },
         }
     }
 }
@@ -546,12 +550,12 @@ multiversion! {
 multiversion! {
     /// [`normalize_channel`] for one row of a 2-D input: channel j is element j.
     #[allow(clippy::too_many_arguments)]
-    fn normalize_row(x: &[f32], res: &[f32], out: &mut [f32], mean: &[f32], a: &[f32], b: &[f32], relu: bool) {
+    fn normalize_row(x: &[f32], res: &[f32], out: &mut [MaybeUninit<f32>], mean: &[f32], a: &[f32], b: &[f32], relu: bool) {
         match (res.is_empty(), relu) {
-            (true, false) => for j in 0..x.len() { out[j] = norm(x[j], mean[j], a[j], b[j]) },
-            (true, true) => for j in 0..x.len() { out[j] = norm(x[j], mean[j], a[j], b[j]).max(0.0) },
-            (false, false) => for j in 0..x.len() { out[j] = norm(x[j], mean[j], a[j], b[j]) + res[j] },
-            (false, true) => for j in 0..x.len() { out[j] = (norm(x[j], mean[j], a[j], b[j]) + res[j]).max(0.0) },
+            (true, false) => for j in 0..x.len() { out[j] = MaybeUninit::new(norm(x[j], mean[j], a[j], b[j])) },
+            (true, true) => for j in 0..x.len() { out[j] = MaybeUninit::new(norm(x[j], mean[j], a[j], b[j]).max(0.0)) },
+            (false, false) => for j in 0..x.len() { out[j] = MaybeUninit::new(norm(x[j], mean[j], a[j], b[j]) + res[j]) },
+            (false, true) => for j in 0..x.len() { out[j] = MaybeUninit::new((norm(x[j], mean[j], a[j], b[j]) + res[j]).max(0.0)) },
         }
     }
 }

@@ -121,8 +121,12 @@ pub(crate) fn input_grad_strided(w: &[f32], dy: &[f32], g: Geometry, base: Optio
             as usize;
     let hi = (hu_max.max(wv_max) + reach).saturating_sub(g.ho.min(g.wo));
     let (data, hp, wp) = channels_last(dy, [g.n, g.co, g.ho, g.wo], lo, hi);
-    let out =
-        if adding { Nchw::adding(&mut dx, g.ci, g.h * g.w) } else { Nchw::new(&mut dx, g.ci, g.h * g.w) };
+    let out = if adding {
+        Nchw::adding(&mut dx, g.ci, g.h * g.w)
+    } else {
+        // SAFETY: the sink writes only floats.
+        Nchw::new(unsafe { super::as_uninit(&mut dx) }, g.ci, g.h * g.w)
+    };
     let mut work = Vec::new();
     for (a, b, taps) in &phases {
         let (hu, wv) = ((g.h - a).div_ceil(g.s), (g.w - b).div_ceil(g.s));

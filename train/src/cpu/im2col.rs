@@ -6,6 +6,7 @@
 //! are (input channel, kernel row, kernel column) triples, `(c * kh + i) * kw + j`.
 
 use std::cell::UnsafeCell;
+use std::mem::MaybeUninit;
 
 use super::gemm::{slot, zero_padding, Pack, Store};
 use super::geometry::Geometry;
@@ -235,7 +236,9 @@ impl Pack for PaddedCl {
 /// An N x C x positions tensor filled tile by tile: rows are channels, columns are (image,
 /// position) pairs.
 pub(crate) struct Nchw<'a> {
-    cells: &'a [UnsafeCell<f32>],
+    /// Possibly uninitialized where nothing was stored yet: written only through raw pointers,
+    /// read (added to) only where initialized (`add`, or a tile's later reduction blocks).
+    cells: &'a [UnsafeCell<MaybeUninit<f32>>],
     channels: usize,
     positions: usize,
     /// Add every result to what the tensor holds (an earlier gradient), never overwrite.
@@ -247,16 +250,27 @@ pub(crate) struct Nchw<'a> {
 unsafe impl Sync for Nchw<'_> {}
 
 impl<'a> Nchw<'a> {
-    pub(crate) fn new(data: &'a mut [f32], channels: usize, positions: usize) -> Self {
+    /// A sink that overwrites: `data` need not be initialized; every element the product
+    /// covers is written before it is read.
+    pub(crate) fn new(data: &'a mut [MaybeUninit<f32>], channels: usize, positions: usize) -> Self {
         let len = data.len();
-        // SAFETY: UnsafeCell<f32> has the layout of f32; the exclusive borrow lasts for 'a.
-        let cells = unsafe { std::slice::from_raw_parts(data.as_mut_ptr().cast::<UnsafeCell<f32>>(), len) };
+        // SAFETY: UnsafeCell<MaybeUninit<f32>> has the layout of MaybeUninit<f32>; the
+        // exclusive borrow lasts for 'a.
+        let cells = unsafe {
+            std::slice::from_raw_parts(data.as_mut_ptr().cast::<UnsafeCell<MaybeUninit<f32>>>(), len)
+        };
         Self { cells, channels, positions, add: false }
     }
 
     /// A sink that adds every result to `data`'s values.
     pub(crate) fn adding(data: &'a mut [f32], channels: usize, positions: usize) -> Self {
-        Self { add: true, ..Self::new(data, channels, positions) }
+        // SAFETY: the sink writes only floats.
+        Self { add: true, ..Self::new(unsafe { super::as_uninit(data) }, channels, positions) }
+    }
+
+    /// The first of `n` cells from `start` (bounds checked), to write through.
+    fn ptr(&self, start: usize, n: usize) -> *mut f32 {
+        UnsafeCell::raw_get(self.cells[start..start + n].as_ptr()).cast::<f32>()
     }
 }
 
@@ -272,14 +286,18 @@ impl Nchw<'_> {
             let n = (pos - p).min(mlen - at);
             for j in 0..nlen {
                 let start = (image * self.channels + n0 + j) * pos + p;
-                let cells = &self.cells[start..start + n];
-                // SAFETY: these cells belong to this block alone (see `Sync`), and an
-                // UnsafeCell<f32> slice has the layout of an f32 slice.
-                let dst = unsafe { std::slice::from_raw_parts_mut(UnsafeCell::raw_get(cells.as_ptr()), n) };
                 if self.add {
+                    // SAFETY: these cells belong to this block alone (see `Sync`) and hold a
+                    // gradient (`add`).
+                    let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr(start, n), n) };
                     dst.iter_mut().enumerate().for_each(|(t_, d)| *d += t[(at + t_) * nlen + j]);
                 } else {
-                    dst.iter_mut().enumerate().for_each(|(t_, d)| *d = t[(at + t_) * nlen + j]);
+                    let dst = self.ptr(start, n);
+                    for t_ in 0..n {
+                        // SAFETY: cell t_ < n of this block alone (see `Sync`); a write needs
+                        // no initialized target.
+                        unsafe { dst.add(t_).write(t[(at + t_) * nlen + j]) };
+                    }
                 }
             }
             at += n;
@@ -311,8 +329,10 @@ impl Nchw<'_> {
             for j in 0..nlen {
                 let cell = &self.cells[(image * self.channels + j) * pos + p];
                 let v = t[at * nlen + j];
-                // SAFETY: each phase position belongs to one task of one phase (see `Sync`).
-                unsafe { *cell.get() = if self.add { *cell.get() + v } else { v } };
+                let cell = cell.get().cast::<f32>();
+                // SAFETY: each phase position belongs to one task of one phase (see `Sync`);
+                // it is read only when adding (initialized), else written.
+                unsafe { cell.write(if self.add { *cell + v } else { v }) };
             }
         }
     }
@@ -337,14 +357,14 @@ impl Store for Nchw<'_> {
             let n = (pos - p).min(nlen - at);
             for r in 0..mlen {
                 let start = (image * self.channels + m0 + r) * pos + p;
-                let cells = &self.cells[start..start + n];
-                // SAFETY: these cells belong to this tile alone (see `Sync`), and an
-                // UnsafeCell<f32> slice has the layout of an f32 slice.
-                let dst = unsafe { std::slice::from_raw_parts_mut(UnsafeCell::raw_get(cells.as_ptr()), n) };
                 let src = &tile[r * nr + at..][..n];
                 if overwrite && !self.add {
-                    dst.copy_from_slice(src);
+                    // SAFETY: n cells of this tile alone (see `Sync`); `src` is another buffer.
+                    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr(start, n), n) };
                 } else {
+                    // SAFETY: these cells belong to this tile alone, and they hold a gradient
+                    // (`add`) or this tile's first reduction block (stored with `overwrite`).
+                    let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr(start, n), n) };
                     crate::cpu::add_into(dst, src);
                 }
             }
