@@ -150,7 +150,7 @@ fn forward(x: &FlexTensor, w: &FlexTensor, geo: &Geometry, base: Option<Vec<f32>
 fn forward_channels_last(xd: &[f32], wd: &[f32], g: Geometry, kern: gemm::Kernel, out: &Nchw) {
     let (k, pos) = (g.k(), g.positions());
     let taps = g.kh * g.kw;
-    let mut wperm = vec![0f32; wd.len()];
+    let mut wperm = super::zeros(wd.len());
     wperm.par_chunks_mut(k.max(1)).enumerate().for_each(|(o, row)| {
         for c in 0..g.ci {
             for t in 0..taps {
@@ -238,7 +238,7 @@ fn input_grad(w: &FlexTensor, dy: &FlexTensor, geo: &Geometry, base: Option<Vec<
     let g = *geo;
     if g.s == 1 && g.kh == g.kw && g.p < g.kh && g.h == g.ho && g.w == g.wo {
         let taps = g.kh * g.kw;
-        let mut flipped = vec![0f32; wd.len()];
+        let mut flipped = super::zeros(wd.len());
         flipped.par_chunks_mut((g.co * taps).max(1)).enumerate().for_each(|(c, row)| {
             for o in 0..g.co {
                 for t in 0..taps {

@@ -55,7 +55,7 @@ pub(crate) fn weight_grad(x: &FlexTensor, dy: &FlexTensor, geo: &Geometry) -> Fl
         .map(|part| {
             let first = (part * per * group).min(g.n) * pos;
             let last = ((part + 1) * per * group).min(g.n) * pos;
-            let mut dw = vec![0f32; g.co * k];
+            let mut dw = super::zeros(g.co * k);
             let out = Dense::new(&mut dw, k);
             (0..blocks).into_par_iter().for_each(|b| {
                 let c = b * cols..((b + 1) * cols).min(k);
@@ -66,7 +66,7 @@ pub(crate) fn weight_grad(x: &FlexTensor, dy: &FlexTensor, geo: &Geometry) -> Fl
         .collect();
     // Partials summed in order, and (i, j, c) order back to (c, i, j), a row of dW per task.
     let taps = g.kh * g.kw;
-    let mut out = vec![0f32; g.co * k];
+    let mut out = super::zeros(g.co * k);
     out.par_chunks_mut(k.max(1)).enumerate().for_each(|(o, row)| {
         for t in 0..taps {
             for c in 0..g.ci {

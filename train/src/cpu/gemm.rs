@@ -212,7 +212,8 @@ impl Packed {
         let np = lanes.div_ceil(width);
         let blocks = k.div_ceil(KC);
         use rayon::prelude::*;
-        let mut data = vec![0f32; blocks * np * width * KC];
+        // Zeroed in parallel: the caller's thread alone would hold up both cores.
+        let mut data = super::zeros(blocks * np * width * KC);
         // Reduction blocks, and the panels of each, in parallel.
         data.par_chunks_mut((np * width * KC).max(1)).enumerate().for_each(|(q, block)| {
             let (k0, kc) = (q * KC, KC.min(k - q * KC));
