@@ -4,11 +4,11 @@
 //! activation, every gradient; 67 MB for one ResNet-18 CIFAR layer at 256 images). glibc serves
 //! blocks that large with their own `mmap` and returns them with `munmap` on free (its mmap
 //! threshold cannot be raised past 32 MB), so each step faulted its whole working set in again,
-//! page by page: ~0.5 M page faults and ~15% of the CPU time in the kernel per ResNet-18 step.
+//! page by page: 11-16% of a ResNet-18 step's CPU time went to the kernel's page faults.
 //! jemalloc with `dirty_decay_ms:-1` keeps freed pages mapped and reuses them (the working set
 //! repeats every step, so the process does not grow past its peak); with any finite decay it
 //! purges pages a step still needs and is slower than glibc. Measured in BENCHMARKS.md
-//! ("Allocator"). `_RJEM_MALLOC_CONF` in the environment overrides these options.
+//! ("Intel host, round 4"). `_RJEM_MALLOC_CONF` in the environment overrides these options.
 //!
 //! The Python extension and the library crates keep their host's allocator.
 
