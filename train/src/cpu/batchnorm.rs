@@ -21,6 +21,7 @@ use rayon::prelude::*;
 use simclr_core::multiversion;
 use std::mem::MaybeUninit;
 
+use super::bn_sums::{channel_sums, grad_sums, masked};
 use super::{back, cast, flex, AdFlex};
 use crate::dist::PeerHandle;
 use burn::backend::Flex;
@@ -385,16 +386,6 @@ fn input_grad(dy: &[f32], y: Option<&[f32]>, x: &[f32], dx: &mut [f32], dres: &m
     }
 }
 
-/// The ReLU-masked gradient: `dy` where `y > 0`, else 0 (`y` empty: no ReLU).
-#[inline(always)]
-fn masked(dy: f32, y: &[f32], j: usize) -> f32 {
-    if y.is_empty() || y[j] > 0.0 {
-        dy
-    } else {
-        0.0
-    }
-}
-
 multiversion! {
     #[allow(clippy::too_many_arguments)]
     fn input_grad_channel(dy: &[f32], y: &[f32], x: &[f32], dx: &mut [f32], dres: &mut [f32], k: [f32; 4], add_x: bool, add_res: bool) {
@@ -431,68 +422,6 @@ multiversion! {
             }
         }
     }
-}
-
-multiversion! {
-    /// (sum, sum of squares) of channel `ch` of an n x c x r tensor, in f64.
-    fn channel_sums(x: &[f32], n: usize, c: usize, r: usize, ch: usize) -> (f64, f64) {
-        let mut s = [0f64; 8];
-        let mut q = [0f64; 8];
-        for i in 0..n {
-            let block = &x[(i * c + ch) * r..][..r];
-            let mut chunks = block.chunks_exact(8);
-            for v in &mut chunks {
-                for l in 0..8 {
-                    let f = f64::from(v[l]);
-                    s[l] += f;
-                    q[l] += f * f;
-                }
-            }
-            for (l, v) in chunks.remainder().iter().enumerate() {
-                let f = f64::from(*v);
-                s[l] += f;
-                q[l] += f * f;
-            }
-        }
-        (lanes(s), lanes(q))
-    }
-}
-
-multiversion! {
-    /// (sum of g, sum of g (x - mean)) of channel `ch`, g = dy masked by the ReLU (`y` not
-    /// empty).
-    #[allow(clippy::too_many_arguments)]
-    fn grad_sums(dy: &[f32], y: &[f32], x: &[f32], n: usize, c: usize, r: usize, ch: usize, mean: f64) -> (f64, f64) {
-        let mut s = [0f64; 8];
-        let mut q = [0f64; 8];
-        for i in 0..n {
-            let at = (i * c + ch) * r;
-            let (d, xb) = (&dy[at..][..r], &x[at..][..r]);
-            let yb = if y.is_empty() { &[][..] } else { &y[at..][..r] };
-            let full = r / 8 * 8;
-            let mut j = 0;
-            while j < full {
-                for l in 0..8 {
-                    let g = f64::from(masked(d[j + l], yb, j + l));
-                    s[l] += g;
-                    q[l] += g * (f64::from(xb[j + l]) - mean);
-                }
-                j += 8;
-            }
-            for l in 0..r - full {
-                let g = f64::from(masked(d[full + l], yb, full + l));
-                s[l] += g;
-                q[l] += g * (f64::from(xb[full + l]) - mean);
-            }
-        }
-        (lanes(s), lanes(q))
-    }
-}
-
-/// The 8 lanes summed in a fixed order.
-#[inline(always)]
-fn lanes(v: [f64; 8]) -> f64 {
-    ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))
 }
 
 /// `relu?((x - mean) a + b + res?)` for every image, in parallel over images.

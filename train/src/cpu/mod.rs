@@ -14,6 +14,7 @@
 //! images, fixed groups), never by the number of threads, and every sum runs in a fixed order.
 
 pub mod batchnorm;
+mod bn_sums;
 pub mod conv;
 mod conv_grad;
 pub(crate) mod gemm;
