@@ -379,6 +379,17 @@ mod tests {
                 let mean = a.0 / (n * r) as f64;
                 let (a, b) = (grad_sums(&dy, &y, &x, n, c, r, ch, mean), portable_grad_sums(&dy, &y, &x, n, c, r, ch, mean));
                 prop_assert_eq!((a.0.to_bits(), a.1.to_bits()), (b.0.to_bits(), b.1.to_bits()));
+                // The AVX2 form too, where an AVX-512 CPU would pick the other one.
+                #[cfg(target_arch = "x86_64")]
+                if r >= 8 && std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2 (checked just above).
+                    let (a2, c2) = unsafe {
+                        (x86::grad_sums_avx2(&dy, &y, &x, n, c, r, ch, mean), x86::channel_sums_avx2(&x, n, c, r, ch))
+                    };
+                    let c1 = portable_channel_sums(&x, n, c, r, ch);
+                    prop_assert_eq!((a2.0.to_bits(), a2.1.to_bits()), (b.0.to_bits(), b.1.to_bits()));
+                    prop_assert_eq!((c2.0.to_bits(), c2.1.to_bits()), (c1.0.to_bits(), c1.1.to_bits()));
+                }
             }
         }
     }
