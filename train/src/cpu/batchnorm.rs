@@ -319,15 +319,17 @@ impl<const N: usize> Backward<Flex, N> for BnBackward {
                 want(0).and_then(|n| super::take_grad!(grads, n, len)),
                 want(3).filter(|_| want_res).and_then(|n| super::take_grad!(grads, n, len)),
             );
-            let add = (base_x.is_some(), base_res.is_some());
-            let mut dx = if want_x { base_x.unwrap_or_else(|| super::zeros(len)) } else { Vec::new() };
-            let mut dres = if want_res { base_res.unwrap_or_else(|| super::zeros(len)) } else { Vec::new() };
+            // Written whole, never zeroed first (the bases, if any, are read beside them).
+            let mut dx = if want_x { super::uninit(len) } else { Vec::new() };
+            let mut dres = if want_res { super::uninit(len) } else { Vec::new() };
+            let (bx, bres) = (base_x.as_deref().unwrap_or(&[]), base_res.as_deref().unwrap_or(&[]));
             let per = c * geo.r;
-            let consts = Consts { a: &a, k0: &k0, k1: &k1, mean: &mean, r: geo.r, add };
-            let run = |i: usize, dxo: &mut [f32], dro: &mut [f32]| {
+            let consts = Consts { a: &a, k0: &k0, k1: &k1, mean: &mean, r: geo.r };
+            let run = |i: usize, dxo: &mut [MaybeUninit<f32>], dro: &mut [MaybeUninit<f32>]| {
                 let span = i * per..(i + 1) * per;
                 let y = yd.map(|y| &y[span.clone()]);
-                input_grad(&dyd[span.clone()], y, &xd[span], dxo, dro, &consts);
+                let bases = [part(bx, &span), part(bres, &span)];
+                input_grad(&dyd[span.clone()], y, &xd[span.clone()], bases, dxo, dro, &consts);
             };
             match (want_x, want_res) {
                 (true, true) => dx
@@ -338,6 +340,9 @@ impl<const N: usize> Backward<Flex, N> for BnBackward {
                 (true, false) => dx.par_chunks_mut(per).enumerate().for_each(|(i, a)| run(i, a, &mut [])),
                 (false, _) => dres.par_chunks_mut(per).enumerate().for_each(|(i, b)| run(i, &mut [], b)),
             }
+            // SAFETY: `input_grad` writes every cell of each image's non-empty outputs, and the
+            // images cover the buffers (the batchnorm tests check, NaN-filled in debug).
+            let (dx, dres) = unsafe { (super::assume_init(dx), super::assume_init(dres)) };
             if want_x {
                 register(grads, 0, flex(dx, &dims));
             }
@@ -352,8 +357,6 @@ impl<const N: usize> Backward<Flex, N> for BnBackward {
 
 /// Per-channel constants of the input gradient.
 struct Consts<'a> {
-    /// Add to dx, to dres (instead of writing).
-    add: (bool, bool),
     a: &'a [f32],
     k0: &'a [f32],
     k1: &'a [f32],
@@ -361,45 +364,80 @@ struct Consts<'a> {
     r: usize,
 }
 
+/// `v[span]`, or nothing where `v` is empty (an absent buffer).
+fn part<'a>(v: &'a [f32], span: &std::ops::Range<usize>) -> &'a [f32] {
+    if v.is_empty() {
+        v
+    } else {
+        &v[span.clone()]
+    }
+}
+
 /// One image's input gradient (`dx`, if not empty) and residual gradient (`dres`, if not
-/// empty), channel by channel (or, for a 2-D input, all channels in one pass).
-fn input_grad(dy: &[f32], y: Option<&[f32]>, x: &[f32], dx: &mut [f32], dres: &mut [f32], k: &Consts) {
+/// empty), channel by channel (or, for a 2-D input, all channels in one pass); each is added
+/// to its base (`bases`: x's, the residual's) where that is not empty.
+fn input_grad(
+    dy: &[f32],
+    y: Option<&[f32]>,
+    x: &[f32],
+    bases: [&[f32]; 2],
+    dx: &mut [MaybeUninit<f32>],
+    dres: &mut [MaybeUninit<f32>],
+    k: &Consts,
+) {
     let r = k.r;
+    let [bx, bres] = bases;
     if r == 1 {
-        return input_grad_row(dy, y.unwrap_or(&[]), x, dx, dres, k.a, k.k0, k.k1, k.mean, k.add.0, k.add.1);
+        return input_grad_row(dy, y.unwrap_or(&[]), x, bx, bres, dx, dres, k.a, k.k0, k.k1, k.mean);
     }
     for ch in 0..k.a.len() {
         let span = ch * r..(ch + 1) * r;
-        let yc = y.map_or(&[][..], |y| &y[span.clone()]);
         let dxc = if dx.is_empty() { &mut [][..] } else { &mut dx[span.clone()] };
         let drc = if dres.is_empty() { &mut [][..] } else { &mut dres[span.clone()] };
         input_grad_channel(
             &dy[span.clone()],
-            yc,
-            &x[span],
+            y.map_or(&[][..], |y| &y[span.clone()]),
+            &x[span.clone()],
+            part(bx, &span),
+            part(bres, &span),
             dxc,
             drc,
             [k.a[ch], k.k0[ch], k.k1[ch], k.mean[ch]],
-            k.add.0,
-            k.add.1,
         );
     }
 }
 
 multiversion! {
+    /// One channel of [`input_grad`].
     #[allow(clippy::too_many_arguments)]
-    fn input_grad_channel(dy: &[f32], y: &[f32], x: &[f32], dx: &mut [f32], dres: &mut [f32], k: [f32; 4], add_x: bool, add_res: bool) {
+    fn input_grad_channel(dy: &[f32], y: &[f32], x: &[f32], bx: &[f32], bres: &[f32], dx: &mut [MaybeUninit<f32>], dres: &mut [MaybeUninit<f32>], k: [f32; 4]) {
         let [a, k0, k1, mean] = k;
         if !dx.is_empty() {
-            for j in 0..dy.len() {
-                let v = a * masked(dy[j], y, j) - (k1 * (x[j] - mean) + k0);
-                dx[j] = if add_x { dx[j] + v } else { v };
+            let n = dx.len();
+            let (dy, x) = (&dy[..n], &x[..n]);
+            if bx.is_empty() {
+                for j in 0..n {
+                    dx[j] = MaybeUninit::new(a * masked(dy[j], y, j) - (k1 * (x[j] - mean) + k0));
+                }
+            } else {
+                let bx = &bx[..n];
+                for j in 0..n {
+                    dx[j] = MaybeUninit::new(bx[j] + (a * masked(dy[j], y, j) - (k1 * (x[j] - mean) + k0)));
+                }
             }
         }
         if !dres.is_empty() {
-            for j in 0..dy.len() {
-                let v = masked(dy[j], y, j);
-                dres[j] = if add_res { dres[j] + v } else { v };
+            let n = dres.len();
+            let dy = &dy[..n];
+            if bres.is_empty() {
+                for j in 0..n {
+                    dres[j] = MaybeUninit::new(masked(dy[j], y, j));
+                }
+            } else {
+                let bres = &bres[..n];
+                for j in 0..n {
+                    dres[j] = MaybeUninit::new(bres[j] + masked(dy[j], y, j));
+                }
             }
         }
     }
@@ -408,18 +446,14 @@ multiversion! {
 multiversion! {
     /// [`input_grad_channel`] for one row of a 2-D input: channel j is element j.
     #[allow(clippy::too_many_arguments)]
-    fn input_grad_row(dy: &[f32], y: &[f32], x: &[f32], dx: &mut [f32], dres: &mut [f32], a: &[f32], k0: &[f32], k1: &[f32], mean: &[f32], add_x: bool, add_res: bool) {
-        if !dx.is_empty() {
-            for j in 0..dy.len() {
-                let v = a[j] * masked(dy[j], y, j) - (k1[j] * (x[j] - mean[j]) + k0[j]);
-                dx[j] = if add_x { dx[j] + v } else { v };
-            }
+    fn input_grad_row(dy: &[f32], y: &[f32], x: &[f32], bx: &[f32], bres: &[f32], dx: &mut [MaybeUninit<f32>], dres: &mut [MaybeUninit<f32>], a: &[f32], k0: &[f32], k1: &[f32], mean: &[f32]) {
+        for j in 0..dx.len() {
+            let v = a[j] * masked(dy[j], y, j) - (k1[j] * (x[j] - mean[j]) + k0[j]);
+            dx[j] = MaybeUninit::new(if bx.is_empty() { v } else { bx[j] + v });
         }
-        if !dres.is_empty() {
-            for j in 0..dy.len() {
-                let v = masked(dy[j], y, j);
-                dres[j] = if add_res { dres[j] + v } else { v };
-            }
+        for j in 0..dres.len() {
+            let v = masked(dy[j], y, j);
+            dres[j] = MaybeUninit::new(if bres.is_empty() { v } else { bres[j] + v });
         }
     }
 }
@@ -522,6 +556,7 @@ mod tests {
         residual: bool,
         relu: bool,
         fused: bool,
+        shared: bool,
     ) -> Vec<Vec<f32>> {
         let device = Default::default();
         let c = dims[1];
@@ -543,10 +578,12 @@ mod tests {
             y
         };
         let weights = Tensor::<AdFlex, D>::from_data(random(dims, 4), &device);
-        // x and the residual are used twice: their gradients from BatchNorm add to the others.
-        let grads =
-            ((y.clone() * weights).sum() + (x.clone() * x.clone()).sum() + (r.clone() * r.clone()).sum())
-                .backward();
+        // With `shared`, x and the residual are used twice: their gradients from BatchNorm add
+        // to the others (else BatchNorm writes them whole).
+        let loss = (y.clone() * weights).sum();
+        let loss =
+            if shared { loss + (x.clone() * x.clone()).sum() + (r.clone() * r.clone()).sum() } else { loss };
+        let grads = loss.backward();
         let mut out = vec![vec(y.inner()), vec(x.grad(&grads).expect("x grad"))];
         out.push(vec(bn.weight.val().grad(&grads).expect("gamma grad")));
         if let Some(b) = &bn.bias {
@@ -563,36 +600,31 @@ mod tests {
     #[test]
     fn fused_batch_norm_matches_tensor_ops_forward_and_backward() {
         let before = super::super::ACCUMULATED.with(|n| n.get());
-        for (beta, residual, relu) in [
-            (true, false, false),
-            (true, false, true),
-            (true, true, true),
-            (false, false, false),
-            (true, true, false),
+        for (beta, residual, relu, shared) in [
+            (true, false, false, true),
+            (true, false, true, true),
+            (true, true, true, true),
+            (false, false, false, true),
+            (true, true, false, true),
+            (true, true, true, false),
+            (true, false, false, false),
         ] {
-            let case = format!("beta {beta} residual {residual} relu {relu}");
+            let case = format!("beta {beta} residual {residual} relu {relu} shared {shared}");
+            let run = |dims: &[usize], fused: bool| match *dims {
+                [a, b, c, d] => run([a, b, c, d], beta, residual, relu, fused, shared),
+                [a, b] => run([a, b], beta, residual, relu, fused, shared),
+                _ => unreachable!("2-D and 4-D cases only"),
+            };
             for (what, (f, t)) in [
-                (
-                    "4-D",
-                    (
-                        run([3, 5, 4, 6], beta, residual, relu, true),
-                        run([3, 5, 4, 6], beta, residual, relu, false),
-                    ),
-                ),
-                (
-                    "4-D odd",
-                    (
-                        run([2, 3, 3, 3], beta, residual, relu, true),
-                        run([2, 3, 3, 3], beta, residual, relu, false),
-                    ),
-                ),
+                ("4-D", (run(&[3, 5, 4, 6], true), run(&[3, 5, 4, 6], false))),
+                ("4-D odd", (run(&[2, 3, 3, 3], true), run(&[2, 3, 3, 3], false))),
             ] {
                 assert_eq!(f.len(), t.len());
                 for (k, (a, b)) in f.iter().zip(&t).enumerate() {
                     close(a, b, &format!("{what} {case} output {k}"));
                 }
             }
-            let (f, t) = (run([6, 7], beta, residual, relu, true), run([6, 7], beta, residual, relu, false));
+            let (f, t) = (run(&[6, 7], true), run(&[6, 7], false));
             for (k, (a, b)) in f.iter().zip(&t).enumerate() {
                 close(a, b, &format!("2-D {case} output {k}"));
             }
@@ -617,7 +649,7 @@ mod tests {
     fn same_bits_whatever_the_thread_count() {
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
-            pool.install(|| run([9, 6, 5, 7], true, true, true, true))
+            pool.install(|| run([9, 6, 5, 7], true, true, true, true, true))
         };
         assert_eq!(run(1), run(3));
     }

@@ -164,6 +164,30 @@ pub(crate) unsafe fn filled(n: usize, fill: impl FnOnce(&mut [std::mem::MaybeUni
     v
 }
 
+/// `n` cells to be written (NaN in debug builds, so a value the writer misses shows in the
+/// tests); [`assume_init`] turns them into values once every cell is written.
+pub(crate) fn uninit(n: usize) -> Vec<std::mem::MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: the capacity is n, and a MaybeUninit needs no initialization.
+    unsafe { v.set_len(n) };
+    if cfg!(debug_assertions) {
+        v.fill(std::mem::MaybeUninit::new(f32::NAN));
+    }
+    v
+}
+
+/// The values of cells from [`uninit`], without a copy.
+///
+/// # Safety
+/// Every cell of `v` has been written.
+pub(crate) unsafe fn assume_init(v: Vec<std::mem::MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    let (ptr, len, cap) = (v.as_mut_ptr(), v.len(), v.capacity());
+    // SAFETY: MaybeUninit<f32> has the layout of f32, the allocation is handed over whole (same
+    // pointer, length and capacity, never dropped here), and the caller wrote every cell.
+    unsafe { Vec::from_raw_parts(ptr.cast::<f32>(), len, cap) }
+}
+
 /// `n` zeros, written by every thread of the pool (a big tensor's allocation is then not a
 /// single-threaded memset on the thread that drives the backward pass).
 pub(crate) fn zeros(n: usize) -> Vec<f32> {
