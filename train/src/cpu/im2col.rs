@@ -131,10 +131,23 @@ pub(crate) fn channels_last(
 ) -> (Vec<f32>, usize, usize) {
     use rayon::prelude::*;
     let (hp, wp) = (h + lo + hi, w + lo + hi);
-    let mut data = super::zeros(n * hp * wp * c);
+    let zero = MaybeUninit::new(0.0);
+    // Only the border is zeroed: the interior is written once, by the transposition.
+    let mut data = super::uninit(n * hp * wp * c);
     let plane = h * w;
-    if !data.is_empty() && plane > 0 {
-        data.par_chunks_mut(hp * wp * c).zip(x.par_chunks(c * plane)).for_each(|(dst, src)| {
+    if !data.is_empty() {
+        data.par_chunks_mut(hp * wp * c).enumerate().for_each(|(i, dst)| {
+            dst[..lo * wp * c].fill(zero);
+            dst[(lo + h) * wp * c..].fill(zero);
+            for ih in 0..h {
+                let line = &mut dst[(ih + lo) * wp * c..][..wp * c];
+                line[..lo * c].fill(zero);
+                line[(lo + w) * c..].fill(zero);
+            }
+            if plane == 0 {
+                return;
+            }
+            let src = &x[i * c * plane..][..c * plane];
             // Blocks of 8 channels x 8 columns: reads and writes both in runs of 8.
             for ih in 0..h {
                 let row = &mut dst[((ih + lo) * wp + lo) * c..][..w * c];
@@ -144,7 +157,7 @@ pub(crate) fn channels_last(
                         for ch in c0..(c0 + 8).min(c) {
                             let line = &src[ch * plane + ih * w + iw0..][..wn];
                             for (t, v) in line.iter().enumerate() {
-                                row[(iw0 + t) * c + ch] = *v;
+                                row[(iw0 + t) * c + ch] = MaybeUninit::new(*v);
                             }
                         }
                     }
@@ -152,6 +165,10 @@ pub(crate) fn channels_last(
             }
         });
     }
+    // SAFETY: every image's rows before `lo` and from `lo + h`, and the columns before `lo`
+    // and from `lo + w` of the rows between, are zeroed; the rest, every (row, column, channel)
+    // of the image, is written by the transposition (the conv tests check, NaN-filled in debug).
+    let data = unsafe { super::assume_init(data) };
     (data, hp, wp)
 }
 
@@ -390,14 +407,27 @@ impl Padded {
         use rayon::prelude::*;
         debug_assert_eq!(g.s, 1);
         let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
-        let mut data = super::zeros(g.n * g.ci * hp * wp);
+        let zero = MaybeUninit::new(0.0);
+        // Only the border is zeroed: the interior is copied once.
+        let mut data = super::uninit(g.n * g.ci * hp * wp);
         if !data.is_empty() {
             data.par_chunks_mut(hp * wp).zip(x.par_chunks(g.h * g.w)).for_each(|(dst, src)| {
+                dst[..g.p * wp].fill(zero);
+                dst[(g.p + g.h) * wp..].fill(zero);
                 for (r, line) in src.chunks(g.w).enumerate() {
-                    dst[(r + g.p) * wp + g.p..][..g.w].copy_from_slice(line);
+                    let row = &mut dst[(r + g.p) * wp..][..wp];
+                    row[..g.p].fill(zero);
+                    row[g.p + g.w..].fill(zero);
+                    for (d, v) in row[g.p..g.p + g.w].iter_mut().zip(line) {
+                        *d = MaybeUninit::new(*v);
+                    }
                 }
             });
         }
+        // SAFETY: each plane's rows before `p` and from `p + h` are zeroed, and each row between
+        // has its `p` columns either side zeroed and its `w` columns copied (`x` has n * ci
+        // planes of h rows, so every plane is reached; the conv tests check, NaN-filled in debug).
+        let data = unsafe { super::assume_init(data) };
         Self { data, g, hp, wp }
     }
 }
