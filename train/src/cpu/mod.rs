@@ -153,15 +153,10 @@ pub(crate) unsafe fn as_uninit(data: &mut [f32]) -> &mut [std::mem::MaybeUninit<
 /// # Safety
 /// `fill` must write every one of the `n` cells.
 pub(crate) unsafe fn filled(n: usize, fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>])) -> Vec<f32> {
-    let mut v: Vec<f32> = Vec::with_capacity(n);
-    let cells = &mut v.spare_capacity_mut()[..n];
-    if cfg!(debug_assertions) {
-        cells.fill(std::mem::MaybeUninit::new(f32::NAN));
-    }
-    fill(cells);
+    let mut v = uninit(n);
+    fill(&mut v);
     // SAFETY: the caller's `fill` initialized all n cells.
-    unsafe { v.set_len(n) };
-    v
+    unsafe { assume_init(v) }
 }
 
 /// `n` cells to be written (NaN in debug builds, so a value the writer misses shows in the
