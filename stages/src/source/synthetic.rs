@@ -1,9 +1,12 @@
 //! `synthetic_shapes`: the embedded dataset, drawn from the seed (no files).
 //!
 //! Each image shows one shape (the class) at a random position, scale and rotation, in a
-//! random colour, over a random textured background. Colour is drawn independently of the
-//! class, so, as in the paper, a network that skips colour distortion can match the two views
-//! of an image by their colour histogram instead of learning shapes.
+//! random colour, over a random textured background. By default colour is drawn independently
+//! of the class, so, as in the paper, a network that skips colour distortion can match the two
+//! views of an image by their colour histogram instead of learning shapes. `class_color` ties
+//! the shape's colour to its class instead, as classes of natural images have typical colours:
+//! then the label also uses information that colour distortion removes, which is what the
+//! paper's projection-head result (Figure 8, Table 3) rests on.
 
 use std::f32::consts::{PI, TAU};
 use std::sync::Arc;
@@ -51,6 +54,12 @@ pub struct SyntheticShapes {
     /// the shapes stand out, for short demo-scale runs.
     #[serde(default = "full")]
     pub texture: f32,
+    /// How much a shape's colour follows its class, 0 (independent: default) to 1 (one fixed
+    /// colour per class). Between, the colour is that mix of a random colour and the class's
+    /// own (8 hues around the colour wheel), like classes of natural images whose colours vary
+    /// around a typical one (grass, sky). Only the shape's colour: the background stays random.
+    #[serde(default)]
+    pub class_color: f32,
 }
 
 fn default_count() -> u64 {
@@ -90,6 +99,13 @@ impl StageConfig for SyntheticShapes {
         if !(0.0..=1.0).contains(&self.texture) {
             out.push(Problem::new("texture", "`texture` must be from 0 to 1", "use e.g. `texture: 0.5`"));
         }
+        if !(0.0..=1.0).contains(&self.class_color) {
+            out.push(Problem::new(
+                "class_color",
+                "`class_color` must be from 0 to 1",
+                "use 0 (colour independent of the class) or e.g. `class_color: 0.5`",
+            ));
+        }
     }
     fn build(&self, cx: &Context) -> Result<Stage, StageError> {
         Ok(Stage::Source(Arc::new(Shapes {
@@ -97,6 +113,7 @@ impl StageConfig for SyntheticShapes {
             size: self.size,
             classes: self.classes,
             texture: self.texture,
+            class_color: self.class_color,
             seed: self.data_seed.unwrap_or(cx.seed),
             offset: match self.split {
                 SynthSplit::Train => 0,
@@ -111,6 +128,7 @@ struct Shapes {
     count: u64,
     size: u32,
     texture: f32,
+    class_color: f32,
     classes: u32,
     seed: u64,
     offset: u64,
@@ -134,13 +152,32 @@ impl Source for Shapes {
             stage: stage_key("synthetic_shapes"),
         };
         let class = (index % u64::from(self.classes)) as u32;
-        let image = draw(self.size, class as usize, self.texture, &mut key.rng());
+        let look = Look { texture: self.texture, class_color: self.class_color };
+        let image = draw(self.size, class as usize, look, &mut key.rng());
         Ok(Sample { index, label: Some(class), payload: Payload::Views(vec![image]), ..Sample::default() })
     }
 }
 
 fn color(rng: &mut impl Rng) -> [f32; 3] {
     [rng.random(), rng.random(), rng.random()]
+}
+
+/// How an image is drawn besides its shape: see [`SyntheticShapes`]'s fields of the same names.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Look {
+    pub texture: f32,
+    pub class_color: f32,
+}
+
+/// The colour of class `shape`: 8 saturated hues spaced around the colour wheel.
+fn class_colour(shape: usize) -> [f32; 3] {
+    let h = shape as f32 / SHAPES.len() as f32 * 6.0;
+    let (v, s) = (0.9f32, 0.85f32);
+    let f = |n: f32| {
+        let k = (n + h).rem_euclid(6.0);
+        v - v * s * k.min(4.0 - k).clamp(0.0, 1.0)
+    };
+    [f(5.0), f(3.0), f(1.0)]
 }
 
 /// Signed distance (negative inside) of a unit-sized shape at point (x, y).
@@ -169,9 +206,13 @@ fn distance(shape: usize, x: f32, y: f32) -> f32 {
 }
 
 /// Draws one image of class `shape`.
-pub fn draw(size: u32, shape: usize, texture: f32, rng: &mut impl Rng) -> Image {
+pub fn draw(size: u32, shape: usize, look: Look, rng: &mut impl Rng) -> Image {
+    let Look { texture, class_color } = look;
     let s = size as f32;
     let (bg_a, bg_b, fg) = (color(rng), color(rng), color(rng));
+    // After the draws, so `class_color: 0` gives the images it always gave.
+    let own = class_colour(shape);
+    let fg: [f32; 3] = std::array::from_fn(|c| fg[c] + (own[c] - fg[c]) * class_color);
     let bg_b: [f32; 3] = std::array::from_fn(|c| bg_a[c] + (bg_b[c] - bg_a[c]) * texture);
     let pattern = rng.random_range(0..3u32);
     let freq = rng.random_range(1.5f32..6.0) * TAU / s;
@@ -226,24 +267,60 @@ mod tests {
         }
     }
 
+    const PLAIN: Look = Look { texture: 1.0, class_color: 0.0 };
+
+    /// Mean red of 200 images of `class` (16x16).
+    fn mean_red(class: usize, look: Look) -> f32 {
+        let n = 200;
+        (0..n)
+            .map(|i| {
+                let key = StreamKey { seed: 3, epoch: 0, index: i * 10 + class as u64, view: 0, stage: 1 };
+                let img = draw(16, class, look, &mut key.rng());
+                img.data.iter().step_by(3).map(|&r| f32::from(r)).sum::<f32>() / 256.0
+            })
+            .sum::<f32>()
+            / n as f32
+    }
+
     #[test]
     fn images_are_reproducible_and_color_is_independent_of_class() {
         let key = |i| StreamKey { seed: 3, epoch: 0, index: i, view: 0, stage: 1 };
-        assert_eq!(draw(32, 2, 1.0, &mut key(5).rng()), draw(32, 2, 1.0, &mut key(5).rng()));
-        assert_ne!(draw(32, 2, 1.0, &mut key(5).rng()), draw(32, 2, 1.0, &mut key(6).rng()));
+        assert_eq!(draw(32, 2, PLAIN, &mut key(5).rng()), draw(32, 2, PLAIN, &mut key(5).rng()));
+        assert_ne!(draw(32, 2, PLAIN, &mut key(5).rng()), draw(32, 2, PLAIN, &mut key(6).rng()));
         // Mean colour per class: with colours drawn independently of the class, the class
         // means differ by far less than the spread of single images.
-        let mean = |class: usize| -> f32 {
-            let n = 200;
-            (0..n)
-                .map(|i| {
-                    let img = draw(16, class, 1.0, &mut key(i * 10 + class as u64).rng());
-                    img.data.iter().step_by(3).map(|&r| f32::from(r)).sum::<f32>() / 256.0
-                })
-                .sum::<f32>()
-                / n as f32
-        };
-        let (a, b) = (mean(0), mean(4));
+        let (a, b) = (mean_red(0, PLAIN), mean_red(4, PLAIN));
         assert!((a - b).abs() < 12.0, "red means {a} vs {b}");
+    }
+
+    #[test]
+    fn class_color_ties_the_shape_colour_to_the_class() {
+        // Class 0 is red, class 4 cyan: their mean red differs once colour follows the class.
+        let tied = Look { texture: 1.0, class_color: 0.8 };
+        let (a, b) = (mean_red(0, tied), mean_red(4, tied));
+        assert!(a - b > 30.0, "red means {a} vs {b}");
+        // At 1 every image of a class has the same shape colour: a filled circle (radius at
+        // least 0.22 x 0.9 x 48 = 9.5 px) covers over 150 pixels of exactly the class colour.
+        let own = class_colour(0).map(|c| f32::from((c * 255.0 + 0.5) as u8));
+        for i in 0..20 {
+            let key = StreamKey { seed: 9, epoch: 0, index: i, view: 0, stage: 1 };
+            let img = draw(48, 0, Look { texture: 0.0, class_color: 1.0 }, &mut key.rng());
+            let of_class = img
+                .data
+                .chunks_exact(3)
+                .filter(|px| px.iter().zip(own).all(|(&p, o)| f32::from(p) == o))
+                .count();
+            assert!(of_class > 150, "image {i}: {of_class} pixels of the class colour");
+        }
+    }
+
+    #[test]
+    fn class_colours_are_distinct() {
+        for a in 0..SHAPES.len() {
+            for b in 0..a {
+                let d: f32 = class_colour(a).iter().zip(class_colour(b)).map(|(x, y)| (x - y).abs()).sum();
+                assert!(d > 0.3, "classes {a} and {b}: {:?} vs {:?}", class_colour(a), class_colour(b));
+            }
+        }
     }
 }
