@@ -315,6 +315,19 @@ mod tests {
     }
 
     #[test]
+    fn class_color_outside_0_to_1_is_reported() {
+        for (v, problems) in [(0.0, 0), (0.4, 0), (1.0, 0), (1.5, 1), (-0.1, 1)] {
+            let s: SyntheticShapes = serde_json::from_value(serde_json::json!({"class_color": v})).unwrap();
+            let mut out = Vec::new();
+            s.check(&Context::default(), &mut out);
+            assert_eq!(out.len(), problems, "class_color {v}: {out:?}");
+            if problems > 0 {
+                assert!(out[0].message.contains("`class_color`"), "{}", out[0].message);
+            }
+        }
+    }
+
+    #[test]
     fn class_colours_are_distinct() {
         for a in 0..SHAPES.len() {
             for b in 0..a {
