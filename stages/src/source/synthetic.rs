@@ -112,8 +112,7 @@ impl StageConfig for SyntheticShapes {
             count: self.count,
             size: self.size,
             classes: self.classes,
-            texture: self.texture,
-            class_color: self.class_color,
+            look: Look { texture: self.texture, class_color: self.class_color },
             seed: self.data_seed.unwrap_or(cx.seed),
             offset: match self.split {
                 SynthSplit::Train => 0,
@@ -127,8 +126,7 @@ impl StageConfig for SyntheticShapes {
 struct Shapes {
     count: u64,
     size: u32,
-    texture: f32,
-    class_color: f32,
+    look: Look,
     classes: u32,
     seed: u64,
     offset: u64,
@@ -152,8 +150,7 @@ impl Source for Shapes {
             stage: stage_key("synthetic_shapes"),
         };
         let class = (index % u64::from(self.classes)) as u32;
-        let look = Look { texture: self.texture, class_color: self.class_color };
-        let image = draw(self.size, class as usize, look, &mut key.rng());
+        let image = draw(self.size, class as usize, self.look, &mut key.rng());
         Ok(Sample { index, label: Some(class), payload: Payload::Views(vec![image]), ..Sample::default() })
     }
 }
@@ -170,7 +167,7 @@ pub struct Look {
 }
 
 /// The colour of class `shape`: 8 saturated hues spaced around the colour wheel.
-fn class_colour(shape: usize) -> [f32; 3] {
+fn class_rgb(shape: usize) -> [f32; 3] {
     let h = shape as f32 / SHAPES.len() as f32 * 6.0;
     let (v, s) = (0.9f32, 0.85f32);
     let f = |n: f32| {
@@ -211,7 +208,7 @@ pub fn draw(size: u32, shape: usize, look: Look, rng: &mut impl Rng) -> Image {
     let s = size as f32;
     let (bg_a, bg_b, fg) = (color(rng), color(rng), color(rng));
     // After the draws, so `class_color: 0` gives the images it always gave.
-    let own = class_colour(shape);
+    let own = class_rgb(shape);
     let fg: [f32; 3] = std::array::from_fn(|c| fg[c] + (own[c] - fg[c]) * class_color);
     let bg_b: [f32; 3] = std::array::from_fn(|c| bg_a[c] + (bg_b[c] - bg_a[c]) * texture);
     let pattern = rng.random_range(0..3u32);
@@ -301,7 +298,7 @@ mod tests {
         assert!(a - b > 30.0, "red means {a} vs {b}");
         // At 1 every image of a class has the same shape colour: a filled circle (radius at
         // least 0.22 x 0.9 x 48 = 9.5 px) covers over 150 pixels of exactly the class colour.
-        let own = class_colour(0).map(|c| f32::from((c * 255.0 + 0.5) as u8));
+        let own = class_rgb(0).map(|c| f32::from((c * 255.0 + 0.5) as u8));
         for i in 0..20 {
             let key = StreamKey { seed: 9, epoch: 0, index: i, view: 0, stage: 1 };
             let img = draw(48, 0, Look { texture: 0.0, class_color: 1.0 }, &mut key.rng());
@@ -331,8 +328,8 @@ mod tests {
     fn class_colours_are_distinct() {
         for a in 0..SHAPES.len() {
             for b in 0..a {
-                let d: f32 = class_colour(a).iter().zip(class_colour(b)).map(|(x, y)| (x - y).abs()).sum();
-                assert!(d > 0.3, "classes {a} and {b}: {:?} vs {:?}", class_colour(a), class_colour(b));
+                let d: f32 = class_rgb(a).iter().zip(class_rgb(b)).map(|(x, y)| (x - y).abs()).sum();
+                assert!(d > 0.3, "classes {a} and {b}: {:?} vs {:?}", class_rgb(a), class_rgb(b));
             }
         }
     }
