@@ -78,6 +78,9 @@ pub(crate) fn sweep(
             file.display()
         )));
     };
+    if common.seed.is_some() && !sw.seeds.is_empty() {
+        println!("note: the sweep's `seeds:` set each variant's seed; --seed is not used");
+    }
     // Every variant must validate before anything runs.
     let plans = sw.check(|_, spec| check(spec))?;
     let dir = out.unwrap_or_else(|| {
@@ -160,6 +163,9 @@ fn write_report(sw: &Sweep, dir: &Path) -> Result<(), Failure> {
             .map_err(|e| Failure::Runtime(format!("error: cannot write {}: {e}", path.display())))
     };
     write("results.csv", rep.to_csv())?;
+    if let Some(mean) = rep.to_mean_csv(sw) {
+        write("results-mean.csv", mean)?;
+    }
     let chart = match chart(sw, &rep, &dir.join("chart.png")) {
         Ok(()) => Some("chart.png"),
         Err(e) => {
@@ -180,7 +186,7 @@ fn write_report(sw: &Sweep, dir: &Path) -> Result<(), Failure> {
 /// Bars for a list (or a grid of 1 or 3+ axes), a heatmap for a 2-D grid; the first metric.
 fn chart(sw: &Sweep, rep: &Report, path: &Path) -> anyhow::Result<()> {
     let metric = rep.metrics.first().map(String::as_str).unwrap_or("value");
-    let value = |idx: usize| rep.rows.get(idx).and_then(|r| r.values.first().copied().flatten());
+    let value = |idx: usize| rep.shown_value(sw, idx);
     if let Some(m) = sw.matrix() {
         let values: Vec<Vec<Option<f64>>> =
             m.cells.iter().map(|row| row.iter().map(|c| c.and_then(value)).collect()).collect();
@@ -194,6 +200,24 @@ fn chart(sw: &Sweep, rep: &Report, path: &Path) -> anyhow::Result<()> {
             metric.to_string()
         };
         crate::plot::heatmap(path, &title, &axis(0, "axis 1"), &axis(1, "axis 2"), &m.rows, &m.cols, &values)
+    } else if !sw.seeds.is_empty() {
+        // One bar per variant: the mean over its seeds, the spread in the label.
+        let bars: Vec<(String, Option<f64>)> = rep
+            .groups(sw)
+            .iter()
+            .map(|g| {
+                let stat = g.stats.first().copied().flatten();
+                let spread = match stat {
+                    Some(s) => match s.sd {
+                        Some(sd) => format!("mean of {}, sd {sd:.2}", s.n),
+                        None => format!("{} run", s.n),
+                    },
+                    None => format!("0 of {} runs", g.rows.len()),
+                };
+                (format!("{} ({spread})", g.variant), stat.map(|s| s.mean))
+            })
+            .collect();
+        crate::plot::bar_chart(path, &format!("{metric} by variant, mean over seeds"), metric, &bars)
     } else {
         let bars: Vec<(String, Option<f64>)> = rep
             .rows

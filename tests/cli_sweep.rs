@@ -225,3 +225,37 @@ fn sweep_needs_a_sweep_section_and_validate_counts_variants() {
         .success()
         .stdout(predicates::str::contains("sweep of 4 variants"));
 }
+
+#[test]
+fn seeds_run_each_variant_per_seed_and_the_report_has_the_mean() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = write(
+        tmp.path(),
+        "p.yaml",
+        "name: seeds\nseed: 3\nstages:\n  - { id: data, kind: synthetic_shapes, count: 20, size: 16 }\n  - { id: crop, kind: random_resized_crop, size: 8 }\n  - { id: sink, kind: null }\nsweep:\n  metrics: [chains.0.samples]\n  variants: { a: {}, b: { crop.size: 12 } }\n",
+    );
+    let out = tmp.path().join("sweep");
+    let o = simclr()
+        .arg("sweep")
+        .arg(&file)
+        .args(["--set", "sweep.seeds=[5, 6]", "--seed", "9", "--threads", "2", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("--seed is not used"), "{stdout}");
+    for (v, seed) in [("a+seed5", 5), ("a+seed6", 6), ("b+seed5", 5), ("b+seed6", 6)] {
+        let saved = std::fs::read_to_string(out.join(v).join("pipeline.yaml")).unwrap();
+        assert!(saved.contains(&format!("seed: {seed}\n")), "{v}: {saved}");
+    }
+    let mean = std::fs::read_to_string(out.join("results-mean.csv")).unwrap();
+    assert_eq!(
+        mean,
+        "variant,changes,runs,finished,chains.0.samples_mean,chains.0.samples_sd\na,,2,2,20,0\nb,crop.size=12,2,2,20,0\n"
+    );
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(md.contains("## Mean ± standard deviation over seeds 5, 6"), "{md}");
+    assert!(md.contains("| a | (base) | 2/2 | 20.00 ± 0.00 |"), "{md}");
+    assert!(out.join("chart.png").is_file());
+}

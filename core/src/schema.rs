@@ -115,7 +115,7 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
             "stages": {"type": "array", "items": {"$ref": "#/$defs/stage"}, "description": "The stages, in order: each reads the previous one's output unless it names its `input`."},
             "sweep": {
                 "type": "object",
-                "description": "Variants of this pipeline for `simclr sweep`: `variants` (name -> changes) or `grid` (axes), `metrics` for the report; changes are `STAGE.FIELD: VALUE`, `STAGE: off` or a swap `STAGE: {kind: ..}`."
+                "description": "Variants of this pipeline for `simclr sweep`: `variants` (name -> changes) or `grid` (axes), `metrics` for the report, `seeds` to run each variant once per seed and report the mean and standard deviation; changes are `STAGE.FIELD: VALUE`, `STAGE: off` or a swap `STAGE: {kind: ..}`."
             },
             "profiles": {"type": "object", "additionalProperties": {"type": "object"}, "description": "Named sets of changes (as a sweep variant's) applied with `--set profile=NAME`."},
             "profile": {"type": ["string", "null"], "description": "The profile to apply (usually set with `--set profile=NAME`)."},

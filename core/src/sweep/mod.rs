@@ -17,6 +17,10 @@
 //! `diagonal: alone` (a cell that picks the same name on every axis is that variant alone)
 //! and `unordered: true` (run (a,b), skip (b,a)) for the paper's Figure 5 layout.
 //!
+//! `seeds: [42, 7, 123]` runs every variant once per seed (`NAME+seed7`, the pipeline's `seed`
+//! set to 7) and adds the mean and standard deviation over the seeds to the report: at a small
+//! scale the spread between seeds can be larger than the difference an ablation measures.
+//!
 //! Everything works on the positioned YAML tree, so a bad change or a variant that does not
 //! validate is reported at the line and column where it is written, naming the variant.
 
@@ -34,12 +38,12 @@ mod run;
 mod tests;
 
 pub use parse::{parse, valid_name};
-pub use report::{metric, report, Report, Row};
+pub use report::{metric, report, Group, Report, Row, Stat};
 pub use run::{
     failure, finished, run, Event, RunOptions, SweepError, VariantFailure, VariantRunner, FAILURE_FILE,
 };
 
-const SWEEP_KEYS: &[&str] = &["metrics", "variants", "grid", "ops", "diagonal", "unordered"];
+const SWEEP_KEYS: &[&str] = &["metrics", "variants", "grid", "ops", "diagonal", "unordered", "seeds"];
 
 /// Metrics a sweep reports when `metrics:` is not given.
 pub const DEFAULT_METRICS: &[&str] = &["simclr.linear_top1", "simclr.knn_top1"];
@@ -95,8 +99,12 @@ impl Axis {
 /// One pipeline of the sweep.
 #[derive(Clone, Debug)]
 pub struct Variant {
-    /// Its directory name: the axis choices joined with `+`.
+    /// Its directory name: the axis choices joined with `+` (then `+seedN` with `seeds:`).
     pub name: String,
+    /// The name without the seed: the variant whose seeds are averaged together.
+    pub base: String,
+    /// The seed it runs with, when the sweep lists `seeds:`.
+    pub seed: Option<u64>,
     /// Its choice on each axis (an index into that axis's choices).
     pub cell: Vec<usize>,
     /// The changes applied to the base pipeline, in order.
@@ -125,6 +133,9 @@ pub struct Sweep {
     pub unordered: bool,
     /// The named stage bodies of `sweep.ops`, in file order.
     pub ops: Vec<(String, Node)>,
+    /// `seeds:`: every variant runs once per seed (empty: once, with the pipeline's seed).
+    pub seeds: Vec<u64>,
+    /// With `seeds:`, each base variant's runs are consecutive, one per seed in list order.
     pub variants: Vec<Variant>,
 }
 
@@ -144,8 +155,11 @@ impl Sweep {
         if !self.grid {
             return None;
         }
-        let by_cell: HashMap<&[usize], usize> =
-            self.variants.iter().enumerate().map(|(i, v)| (v.cell.as_slice(), i)).collect();
+        // With `seeds:` a cell has one run per seed: the first stands for the cell.
+        let mut by_cell: HashMap<&[usize], usize> = HashMap::new();
+        for (i, v) in self.variants.iter().enumerate() {
+            by_cell.entry(v.cell.as_slice()).or_insert(i);
+        }
         let key = |i: usize, j: usize| {
             let mut k = [a.choices[i].0.value.as_str(), b.choices[j].0.value.as_str()];
             k.sort_unstable();

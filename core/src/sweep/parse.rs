@@ -65,6 +65,7 @@ pub fn parse(file: &Path, doc: &Spanned<Node>) -> Result<Option<Sweep>, Diagnost
     };
 
     let ops = parse_ops(file, section.value.get("ops"), &mut diags);
+    let seeds = parse_seeds(file, section.value.get("seeds"), &mut diags);
 
     let variants_node = section.value.get("variants");
     let grid_node = section.value.get("grid");
@@ -167,19 +168,6 @@ pub fn parse(file: &Path, doc: &Spanned<Node>) -> Result<Option<Sweep>, Diagnost
             .collect();
         let first_pos =
             axes.first().and_then(|a| a.choices.get(c.cell[0])).map_or(section.pos, |(n, _)| n.pos);
-        if let Some(&prev) = seen.get(&name) {
-            diags.push(
-                d(
-                    first_pos,
-                    format!(
-                        "two variants are named `{name}` (cells {:?} and {:?})",
-                        variants[prev].cell, c.cell
-                    ),
-                )
-                .fix("rename a choice so every variant name is unique (names are joined with `+`)"),
-            );
-            continue;
-        }
         let mut vdoc = base.clone();
         let mut errs = Diagnostics::default();
         for ch in &changes {
@@ -191,18 +179,65 @@ pub fn parse(file: &Path, doc: &Spanned<Node>) -> Result<Option<Sweep>, Diagnost
                 );
             }
         }
+        // One run per seed (or one with the pipeline's seed), the seed set last.
+        let runs: Vec<Option<&Spanned<u64>>> =
+            if seeds.is_empty() { vec![None] } else { seeds.iter().map(Some).collect() };
+        for seed in runs {
+            let (run_name, mut run_changes, mut run_doc) = (name.clone(), changes.clone(), vdoc.clone());
+            let run_name = match seed {
+                None => run_name,
+                Some(sd) => {
+                    let value = Spanned { value: Node::Int(sd.value as i64), pos: sd.pos };
+                    // `seed` is a top-level key of every pipeline: this cannot fail on a
+                    // document the sweep parsed, but an error is still reported, not dropped.
+                    if let Err((what, fix)) =
+                        spec::apply_change(&mut run_doc, "seed", value.clone(), Some(sd.pos))
+                    {
+                        errs.push(Diagnostic::new(file, sd.pos, format!("`seed`: {what}")).fix(fix));
+                    }
+                    run_changes.push(Change {
+                        target: Spanned { value: "seed".into(), pos: sd.pos },
+                        value,
+                        op: None,
+                    });
+                    format!("{run_name}+seed{}", sd.value)
+                }
+            };
+            if let Some(&prev) = seen.get(&run_name) {
+                diags.push(
+                    d(
+                        first_pos,
+                        format!(
+                            "two variants are named `{run_name}` (cells {:?} and {:?})",
+                            variants[prev].cell, c.cell
+                        ),
+                    )
+                    .fix("rename a choice so every variant name is unique (names are joined with `+`)"),
+                );
+                continue;
+            }
+            seen.insert(run_name.clone(), variants.len());
+            variants.push(Variant {
+                name: run_name,
+                base: name.clone(),
+                seed: seed.map(|s| s.value),
+                cell: c.cell.clone(),
+                changes: run_changes,
+                doc: run_doc,
+            });
+        }
         if !errs.is_empty() {
             problems.add(&name, errs);
         }
-        seen.insert(name.clone(), variants.len());
-        variants.push(Variant { name, cell: c.cell, changes, doc: vdoc });
     }
     if !diags.is_empty() {
         return Err(sorted(diags));
     }
     let total = variants.len();
     let ops = ops.into_iter().map(|(k, v)| (k.value, v.value)).collect();
-    let sweep = Sweep { file: file.to_path_buf(), metrics, grid, axes, diagonal, unordered, ops, variants };
+    let seeds = seeds.into_iter().map(|s| s.value).collect();
+    let sweep =
+        Sweep { file: file.to_path_buf(), metrics, grid, axes, diagonal, unordered, ops, seeds, variants };
     problems.into_result(total, Some(sweep))
 }
 
@@ -224,6 +259,48 @@ pub fn valid_name(s: &str) -> bool {
         && s.len() <= 100
         && !s.starts_with('.')
         && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '+'))
+}
+
+/// `seeds: [42, 7, 123]`: whole numbers from 0, each once.
+fn parse_seeds(file: &Path, node: Option<&Spanned<Node>>, diags: &mut Diagnostics) -> Vec<Spanned<u64>> {
+    let Some(node) = node else { return Vec::new() };
+    let d = |pos: Pos, msg: String| Diagnostic::new(file, pos, format!("sweep: {msg}"));
+    let items = match &node.value {
+        Node::Seq(items) if !items.is_empty() => items,
+        other => {
+            diags.push(
+                d(
+                    node.pos,
+                    format!("`seeds` must be a non-empty list of seeds, found {}", describe_found(other)),
+                )
+                .fix(
+                    "write e.g. `seeds: [42, 7, 123]` (every variant runs once per seed), or remove the key",
+                ),
+            );
+            return Vec::new();
+        }
+    };
+    let mut out: Vec<Spanned<u64>> = Vec::new();
+    for it in items {
+        match it.value {
+            Node::Int(n) if n >= 0 => {
+                let n = n as u64;
+                if out.iter().any(|s| s.value == n) {
+                    diags.push(
+                        d(it.pos, format!("seed {n} is listed twice"))
+                            .fix("list each seed once: the same seed gives the same run"),
+                    );
+                } else {
+                    out.push(Spanned { value: n, pos: it.pos });
+                }
+            }
+            ref other => diags.push(
+                d(it.pos, format!("a seed is a whole number from 0, found {}", describe_found(other)))
+                    .fix("write e.g. `seeds: [42, 7, 123]`"),
+            ),
+        }
+    }
+    out
 }
 
 fn parse_ops(

@@ -504,3 +504,97 @@ fn write_atomic_replaces_whole() {
     assert_eq!(std::fs::read_to_string(&p).unwrap(), "two");
     assert!(!dir.join("results.json.tmp").exists());
 }
+
+#[test]
+fn seeds_run_every_variant_once_per_seed() {
+    let s = ok("sweep:\n  variants:\n    a: {}\n    b: { color.strength: 0.25 }\n  seeds: [42, 7]\n");
+    assert_eq!(names(&s), ["a+seed42", "a+seed7", "b+seed42", "b+seed7"]);
+    assert_eq!(s.seeds, [42, 7]);
+    let bases: Vec<&str> = s.variants.iter().map(|v| v.base.as_str()).collect();
+    assert_eq!(bases, ["a", "a", "b", "b"]);
+    assert_eq!(s.variants[3].seed, Some(7));
+    assert_eq!(s.variants[3].describe(), "color.strength=0.25; seed=7");
+    // The seed is the pipeline's own `seed`, set after the variant's changes.
+    assert_eq!(s.variants[1].doc.value.get("seed").map(|n| n.value.clone()), Some(Node::Int(7)));
+    assert_eq!(s.variants[0].doc.value.get("seed").map(|n| n.value.clone()), Some(Node::Int(42)));
+    // Without `seeds:` nothing changes: one run per variant, named as before.
+    let plain = ok("sweep:\n  variants: { a: {}, b: {} }\n");
+    assert_eq!(names(&plain), ["a", "b"]);
+    assert!(plain.variants.iter().all(|v| v.seed.is_none() && v.base == v.name));
+}
+
+#[test]
+fn bad_seeds_are_reported_at_their_position() {
+    let e = err("sweep:\n  variants: { a: {} }\n  seeds: []\n");
+    assert!(e.contains("p.yaml:10:10") && e.contains("non-empty list of seeds"), "{e}");
+    let e = err("sweep:\n  variants: { a: {} }\n  seeds: [1, -2, x, 1]\n");
+    assert!(e.contains("p.yaml:10:14: sweep: a seed is a whole number from 0, found `-2`"), "{e}");
+    assert!(e.contains("p.yaml:10:18: sweep: a seed is a whole number from 0, found `x`"), "{e}");
+    assert!(e.contains("p.yaml:10:21: sweep: seed 1 is listed twice"), "{e}");
+    let e = err("sweep:\n  variants: { a: {} }\n  seeds: 3\n");
+    assert!(e.contains("`seeds` must be a non-empty list"), "{e}");
+}
+
+#[test]
+fn the_report_averages_each_variant_over_its_seeds() {
+    let s = ok("sweep:\n  metrics: [simclr.linear_top1]\n  variants: { a: {}, b: { color.strength: 1.0 } }\n  seeds: [1, 2, 3]\n");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    // a: 50, 52, 54 (mean 52, sd 2); b: 60 and one run not finished.
+    for (name, v) in [("a+seed1", 50.0), ("a+seed2", 52.0), ("a+seed3", 54.0), ("b+seed1", 60.0)] {
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        std::fs::write(
+            dir.join(name).join("results.json"),
+            format!(r#"{{"simclr": {{"linear_top1": {v}}}}}"#),
+        )
+        .unwrap();
+    }
+    let rep = report(&s, &dir);
+    let g = rep.groups(&s);
+    assert_eq!(g.len(), 2);
+    assert_eq!((g[0].variant.as_str(), g[0].finished, g[0].rows.len()), ("a", 3, 3));
+    let a = g[0].stats[0].unwrap();
+    assert!((a.mean - 52.0).abs() < 1e-12 && (a.sd.unwrap() - 2.0).abs() < 1e-12 && a.n == 3, "{a:?}");
+    assert_eq!(g[1].stats[0], Some(Stat { mean: 60.0, sd: None, n: 1 }));
+    assert_eq!((g[1].finished, g[1].changes.as_str()), (1, "color.strength=1.0"));
+    assert_eq!(rep.shown_value(&s, 1), Some(52.0));
+    let md = rep.to_markdown(&s, None);
+    assert!(md.contains("## Mean ± standard deviation over seeds 1, 2, 3"), "{md}");
+    assert!(md.contains("| a | (base) | 3/3 | 52.00 ± 2.00 |"), "{md}");
+    assert!(md.contains("| b | `color.strength=1.0` | 1/3 | 60.00 |"), "{md}");
+    let csv = rep.to_mean_csv(&s).unwrap();
+    assert!(
+        csv.starts_with("variant,changes,runs,finished,simclr.linear_top1_mean,simclr.linear_top1_sd\n"),
+        "{csv}"
+    );
+    assert!(csv.contains("\na,,3,3,52,2\n") && csv.contains("\nb,color.strength=1.0,3,1,60,\n"), "{csv}");
+    // Without seeds there is no mean table and no mean CSV.
+    let plain = ok("sweep:\n  variants: { a: {} }\n");
+    let rep = report(&plain, &dir);
+    assert!(rep.groups(&plain).is_empty() && rep.to_mean_csv(&plain).is_none());
+    assert!(!rep.to_markdown(&plain, None).contains("Mean ±"));
+}
+
+#[test]
+fn a_grid_with_seeds_shows_the_mean_in_its_matrix() {
+    let s = ok(&format!("{FIG5}  seeds: [5, 6]\n"));
+    assert_eq!(s.variants.len(), 18);
+    assert_eq!(s.variants[0].name, "crop+seed5");
+    let rows = s
+        .variants
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Row {
+            variant: v.name.clone(),
+            changes: v.describe(),
+            finished: true,
+            failure: None,
+            values: vec![Some(i as f64), None],
+        })
+        .collect();
+    let rep = Report { metrics: s.metrics.clone(), rows, warnings: vec![] };
+    let md = rep.to_markdown(&s, None);
+    // Row `cutout`: cells (cutout, crop) = runs 6, 7; (cutout) alone = 8, 9; (cutout, color) = 10, 11.
+    assert!(md.contains("| **cutout** | 6.50 | 8.50 | 10.50 |"), "{md}");
+    assert!(md.contains("mean over the seeds"), "{md}");
+}
