@@ -215,11 +215,14 @@ pub struct SimclrTrain {
     /// Passes over the data (default 100).
     #[serde(default = "epochs")]
     pub epochs: u32,
-    /// Linear warmup length in epochs, clamped to `epochs` (default 10).
+    /// Linear warmup length in epochs, clamped to `epochs` (default 10). While the first
+    /// epoch's length is still being counted the ramp assumes the epoch ends at the current
+    /// step, so with 1 epoch or less the rate is near its peak after a few steps: give
+    /// `steps_per_epoch` for an exact ramp.
     #[serde(default = "warmup")]
     pub warmup_epochs: f64,
     /// Batches per epoch, normally counted during the first epoch. Giving it makes the
-    /// first epoch's warmup exact (default: counted).
+    /// first epoch's warmup exact (default: counted; e.g. 2,000 images in 64-pair batches: 31).
     #[serde(default)]
     pub steps_per_epoch: Option<u64>,
     /// `cpu | cuda | cuda:N | wgpu | wgpu:N | wgpu:cpu` (default cpu). `cuda` and `wgpu` need
