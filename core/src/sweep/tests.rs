@@ -465,9 +465,8 @@ fn report_leaves_missing_metrics_empty() {
     assert!(md.contains("## Warnings"), "{md}");
 }
 
-#[test]
-fn markdown_has_the_matrix_for_a_2d_grid() {
-    let s = ok(FIG5);
+/// A report in which every variant finished with its index as the first metric.
+fn numbered_report(s: &Sweep) -> Report {
     let rows = s
         .variants
         .iter()
@@ -480,7 +479,13 @@ fn markdown_has_the_matrix_for_a_2d_grid() {
             values: vec![Some(i as f64), None],
         })
         .collect();
-    let rep = Report { metrics: s.metrics.clone(), rows, warnings: vec![] };
+    Report { metrics: s.metrics.clone(), rows, warnings: vec![] }
+}
+
+#[test]
+fn markdown_has_the_matrix_for_a_2d_grid() {
+    let s = ok(FIG5);
+    let rep = numbered_report(&s);
     let md = rep.to_markdown(&s, Some("chart.png"));
     assert!(md.contains("| | crop | cutout | color |"), "{md}");
     assert!(md.contains("| **cutout** | 3.00 | 4.00 | 5.00 |"), "{md}");
@@ -580,19 +585,7 @@ fn a_grid_with_seeds_shows_the_mean_in_its_matrix() {
     let s = ok(&format!("{FIG5}  seeds: [5, 6]\n"));
     assert_eq!(s.variants.len(), 18);
     assert_eq!(s.variants[0].name, "crop+seed5");
-    let rows = s
-        .variants
-        .iter()
-        .enumerate()
-        .map(|(i, v)| Row {
-            variant: v.name.clone(),
-            changes: v.describe(),
-            finished: true,
-            failure: None,
-            values: vec![Some(i as f64), None],
-        })
-        .collect();
-    let rep = Report { metrics: s.metrics.clone(), rows, warnings: vec![] };
+    let rep = numbered_report(&s);
     let md = rep.to_markdown(&s, None);
     // Row `cutout`: cells (cutout, crop) = runs 6, 7; (cutout) alone = 8, 9; (cutout, color) = 10, 11.
     assert!(md.contains("| **cutout** | 6.50 | 8.50 | 10.50 |"), "{md}");
